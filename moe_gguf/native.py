@@ -57,7 +57,21 @@ def build_key() -> str:
     h.update(patch_path().read_bytes())
     h.update(" ".join(cmake_args()).encode())
     h.update(sys.platform.encode())
+    # the default build is -march=native: a wheel is only reusable on a CPU with the same features
+    h.update(_cpu_flags().encode())
     return h.hexdigest()[:16]
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    import platform
+
+    return platform.machine() + platform.processor()
 
 
 def _sha256(path: Path) -> str:
@@ -145,12 +159,19 @@ def build_wheel(log=print) -> Path:
         return dest
 
 
+def needs_rebuild() -> bool:
+    """True if the installed llama-cpp-python is not the wheel this checkout's patch and CMAKE_ARGS make."""
+    marker = Path(sys.prefix) / ".moe-gguf-native-key"  # per environment
+    return not marker.exists() or marker.read_text().strip() != build_key()
+
+
 def install(log=print) -> Path:
     wheel = build_wheel(log)
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", "--quiet", str(wheel)],
                        capture_output=True, text=True)
     if r.returncode != 0:
         raise NativeBuildError(f"installing {wheel} failed:\n{r.stderr[-2000:]}")
+    (Path(sys.prefix) / ".moe-gguf-native-key").write_text(build_key())
     log(f"installed {wheel.name}")
     return wheel
 

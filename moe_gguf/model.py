@@ -1,0 +1,376 @@
+"""A MoE GGUF on the patched llama.cpp: steering profiles, per-sequence steering, routing capture.
+
+    model = MoEModel("model.gguf")                   # a llama_cpp.Llama inside (chat, templates)
+    model.steer(profile)                             # steer model.llama's own context
+    ctx = model.context(n_seq_max=2)                 # a context for batched / A-B work
+    ctx.set_profile(profile, seq_id=0)               # seq 0 steered, seq 1 not
+    out = ctx.generate_many([Request(toks, profile=p), Request(toks)])
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moe_gguf import _lib
+from moe_gguf.errors import ModelFileError, NotMoEError
+from moe_gguf.profile import Schedule, SteeringProfile
+from moe_gguf.recorder import RoutingRecorder
+from moe_gguf.topology import ModelTopology
+
+
+def _low():
+    _lib.lib()  # raises PatchMissingError with the fixing command
+    from llama_cpp import llama_cpp as low
+
+    return low
+
+
+class DecodeError(RuntimeError):
+    """llama_decode failed (context full, allocation failure, ...)."""
+
+
+class MoEModel:
+    """A MoE GGUF loaded with llama-cpp-python (``self.llama``), plus what moe-gguf adds."""
+
+    def __init__(self, path: str | os.PathLike, *, n_ctx: int = 2048, n_gpu_layers: int = 0,
+                 n_threads: int | None = None, n_batch: int = 512, expert_used_count: int | None = None,
+                 seed: int = 0, verbose: bool = False, **llama_kwargs) -> None:
+        self.path = Path(path)
+        self.topology = ModelTopology.from_gguf(self.path, expert_used_override=expert_used_count)
+        if not self.topology.is_moe:
+            raise NotMoEError(f"{self.path}: {self.topology.arch} model without routed experts; moe-gguf needs a MoE model")
+        low = _low()
+        from llama_cpp import Llama
+
+        kv = dict(llama_kwargs.pop("kv_overrides", None) or {})
+        if expert_used_count is not None:
+            if not 1 <= expert_used_count <= self.topology.n_expert:
+                raise ValueError(f"expert_used_count must be in [1, {self.topology.n_expert}], got {expert_used_count}")
+            kv[f"{self.topology.arch}.expert_used_count"] = int(expert_used_count)
+        self.n_threads = n_threads or max(1, (os.cpu_count() or 2))
+        try:
+            self.llama = Llama(model_path=str(self.path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=self.n_threads,
+                               n_batch=n_batch, seed=seed, kv_overrides=kv or None, verbose=verbose, **llama_kwargs)
+        except ValueError as e:
+            raise ModelFileError(f"{self.path}: llama.cpp could not load the model ({e})") from e
+        self._low = low
+        self._chat = _Steering(self, self.llama.ctx)
+
+    # -- steering of the Llama's own context (create_completion, create_chat_completion) --
+
+    def steer(self, profile: SteeringProfile | None, *, strength: float = 1.0, allow_mismatch: bool = False) -> None:
+        """Steer every later call on ``self.llama`` with ``profile`` (None: stop steering)."""
+        self._chat.set_profile(profile, seq_id=-1, strength=strength, allow_mismatch=allow_mismatch)
+        # Llama keeps a prefix cache of evaluated tokens: they were computed with the old steering
+        self.llama.reset()
+        self._low.llama_memory_clear(self._low.llama_get_memory(self.llama.ctx), True)
+
+    def context(self, *, n_ctx: int | None = None, n_seq_max: int = 1, n_batch: int | None = None,
+                n_ubatch: int | None = None, cb_eval=None) -> SteerContext:
+        """A new context on this model for batched, per-sequence steered decoding."""
+        return SteerContext(self, n_ctx=n_ctx or self.llama.n_ctx(), n_seq_max=n_seq_max,
+                            n_batch=n_batch or self.llama.n_batch, n_ubatch=n_ubatch, cb_eval=cb_eval)
+
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
+        return self.llama.tokenize(text.encode(), add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.llama.detokenize(list(tokens)).decode("utf-8", errors="replace")
+
+    def chat_prompt(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+        """Render messages with the model's own chat template (sandboxed Jinja)."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self.llama.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ModelFileError(f"{self.path}: the GGUF has no chat template (tokenizer.chat_template)")
+        vocab = self.llama._model
+        eos = self.detokenize([vocab.token_eos()]) if vocab.token_eos() >= 0 else ""
+        bos = self.detokenize([vocab.token_bos()]) if vocab.token_bos() >= 0 else ""
+        fmt = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos,
+                                  add_generation_prompt=add_generation_prompt)
+        return fmt(messages=messages).prompt
+
+    def close(self) -> None:
+        self.llama.close()
+
+    def __enter__(self) -> MoEModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Steering:
+    """Profiles uploaded to one llama_context (ids 1, 2, ...), and which sequence uses which."""
+
+    def __init__(self, model: MoEModel, ctx) -> None:
+        self.model = model
+        self.ctx = ctx
+        self._ids: dict[tuple[int, float], int] = {}
+        self._profiles: dict[int, SteeringProfile] = {}
+
+    def upload(self, profile: SteeringProfile, strength: float, allow_mismatch: bool) -> int:
+        key = (id(profile), float(strength))
+        if key in self._ids and self._profiles.get(self._ids[key]) is profile:
+            return self._ids[key]
+        topo = self.model.topology
+        profile.validate(topo, allow_mismatch=allow_mismatch)
+        lib = _lib.lib()
+        pid = max(self._profiles, default=0) + 1
+        f32p, i32p = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int32)
+        for layer, (action, bias, scale) in profile.layer_arrays(topo, strength=strength).items():
+            action = np.ascontiguousarray(action, dtype=np.int32)
+            bias = np.ascontiguousarray(bias, dtype=np.float32)
+            scale = np.ascontiguousarray(scale, dtype=np.float32)
+            rc = lib.llama_moe_steer_set_layer(self.ctx, pid, layer, action.ctypes.data_as(i32p), bias.ctypes.data_as(f32p),
+                                               scale.ctypes.data_as(f32p), topo.n_expert)
+            if rc != 0:
+                lib.llama_moe_steer_clear(self.ctx, pid)
+                _lib.check(rc, f"profile {profile.name or '(unnamed)'}, layer {layer}")
+        self._ids[key] = pid
+        self._profiles[pid] = profile
+        return pid
+
+    def set_profile(self, profile: SteeringProfile | None, *, seq_id: int, strength: float = 1.0,
+                    allow_mismatch: bool = False) -> None:
+        lib = _lib.lib()
+        pid = 0 if profile is None else self.upload(profile, strength, allow_mismatch)
+        _lib.check(lib.llama_moe_steer_seq(self.ctx, seq_id, pid), f"sequence {seq_id}")
+
+    def clear(self) -> None:
+        lib = _lib.lib()
+        _lib.check(lib.llama_moe_steer_seq(self.ctx, -1, 0), "clear")
+        _lib.check(lib.llama_moe_steer_clear(self.ctx, -1), "clear")
+        self._ids.clear()
+        self._profiles.clear()
+
+
+@dataclass
+class Request:
+    """One sequence to generate: prompt tokens, its profile and when steering starts."""
+
+    tokens: list[int]
+    profile: SteeringProfile | None = None
+    max_tokens: int = 64
+    strength: float = 1.0
+    schedule: Schedule | None = None  # None: the profile's own schedule
+    stop: Sequence[str] = ()
+
+
+@dataclass
+class Completion:
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    steered_from: int | None = None  # index of the first generated token decoded with steering
+    finish_reason: str = "length"
+
+
+class SteerContext:
+    """A llama_context with n_seq_max sequences, per-sequence profiles and routing capture."""
+
+    def __init__(self, model: MoEModel, *, n_ctx: int, n_seq_max: int, n_batch: int, n_ubatch: int | None = None,
+                 cb_eval=None) -> None:
+        low = _low()
+        self.model = model
+        self._low = low
+        p = low.llama_context_default_params()
+        p.n_ctx = n_ctx
+        p.n_batch = n_batch
+        p.n_ubatch = min(n_batch, n_ubatch or n_batch)
+        p.n_seq_max = n_seq_max
+        p.n_threads = p.n_threads_batch = model.n_threads
+        p.kv_unified = True  # sequences of any length share the cache
+        if cb_eval is not None:
+            p.cb_eval = cb_eval
+            p.cb_eval_user_data = None
+        self._cb_eval = cb_eval  # keep the ctypes callback alive
+        self.ctx = low.llama_init_from_model(model.llama.model, p)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not create a context (n_ctx={n_ctx}, n_seq_max={n_seq_max})")
+        self.n_ctx, self.n_batch, self.n_seq_max = n_ctx, n_batch, n_seq_max
+        self.n_vocab = low.llama_vocab_n_tokens(low.llama_model_get_vocab(model.llama.model))
+        self._steering = _Steering(model, self.ctx)
+        self._route_cb = None
+        self._batch = low.llama_batch_init(n_batch, 0, 1)
+        vocab = low.llama_model_get_vocab(model.llama.model)
+        self._eog = {t for t in range(self.n_vocab) if low.llama_vocab_is_eog(vocab, t)}
+
+    # -- steering --
+
+    def set_profile(self, profile: SteeringProfile | None, *, seq_id: int = -1, strength: float = 1.0,
+                    allow_mismatch: bool = False) -> None:
+        """Use ``profile`` for ``seq_id`` (-1: every sequence); None: no steering."""
+        self._steering.set_profile(profile, seq_id=seq_id, strength=strength, allow_mismatch=allow_mismatch)
+
+    def clear_steering(self) -> None:
+        self._steering.clear()
+
+    # -- routing capture --
+
+    def set_recorder(self, recorder: RoutingRecorder | None, *, with_probs: bool = False) -> None:
+        lib = _lib.lib()
+        if recorder is None:
+            self._route_cb = None
+            _lib.check(lib.llama_moe_set_route_callback(self.ctx, _lib.ROUTE_CALLBACK(), None, False), "capture off")
+            return
+        cb = _lib.ROUTE_CALLBACK(lambda route, _ud: recorder.on_route(route.contents))
+        _lib.check(lib.llama_moe_set_route_callback(self.ctx, cb, None, with_probs), "capture on")
+        self._route_cb = cb
+
+    @contextmanager
+    def recording(self, recorder: RoutingRecorder, *, with_probs: bool = False) -> Iterator[RoutingRecorder]:
+        self.set_recorder(recorder, with_probs=with_probs)
+        try:
+            yield recorder
+        finally:
+            self.set_recorder(None)
+
+    # -- memory --
+
+    def clear_memory(self, seq_id: int = -1) -> None:
+        mem = self._low.llama_get_memory(self.ctx)
+        if seq_id < 0:
+            self._low.llama_memory_clear(mem, True)
+        else:
+            self._low.llama_memory_seq_rm(mem, seq_id, -1, -1)
+
+    # -- decoding --
+
+    def decode(self, items: Sequence[tuple[int, Sequence[int], int]], *, logits: str = "last") -> dict[int, np.ndarray]:
+        """Decode tokens of several sequences together.
+
+        items: (seq_id, tokens, first position). logits: "last" (per sequence, [n_vocab]),
+        "all" (per sequence, [n_tokens, n_vocab]; also makes every layer's routing captured for
+        every token) or "none".
+        """
+        low, b = self._low, self._batch
+        flat = [(s, t, p0 + i, logits == "all" or (logits == "last" and i == len(toks) - 1))
+                for s, toks, p0 in items for i, t in enumerate(toks)]
+        for s, _, _ in items:
+            if not 0 <= s < self.n_seq_max:
+                raise ValueError(f"sequence id {s} out of range [0, {self.n_seq_max})")
+        out: dict[int, list[np.ndarray]] = {}
+        for start in range(0, len(flat), self.n_batch):
+            chunk = flat[start:start + self.n_batch]
+            for i, (s, t, pos, want) in enumerate(chunk):
+                b.token[i] = t
+                b.pos[i] = pos
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = s
+                b.logits[i] = want
+            b.n_tokens = len(chunk)
+            rc = low.llama_decode(self.ctx, b)
+            if rc != 0:
+                raise DecodeError(f"llama_decode returned {rc} (context of {self.n_ctx} tokens full, or out of memory)")
+            for i, (s, _, _, want) in enumerate(chunk):
+                if want:
+                    ptr = low.llama_get_logits_ith(self.ctx, i)
+                    out.setdefault(s, []).append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+        if logits == "last":
+            return {s: v[-1] for s, v in out.items()}
+        return {s: np.stack(v) for s, v in out.items()}
+
+    def generate_many(self, requests: Sequence[Request], *, temperature: float = 0.0, top_p: float = 1.0,
+                      seed: int = 0) -> list[Completion]:
+        """Generate for several sequences in the same batches, each with its own profile and schedule."""
+        if len(requests) > self.n_seq_max:
+            raise ValueError(f"{len(requests)} requests for a context of {self.n_seq_max} sequences")
+        rng = np.random.default_rng(seed)
+        self.clear_memory()
+        outs = [Completion() for _ in requests]
+        scheds = [r.schedule or (r.profile.schedule if r.profile else Schedule()) for r in requests]
+        # prompt: steered when the schedule covers it; "generated" steers from the last prompt token on,
+        # whose output predicts the first generated token
+        now = [r.profile is not None and sc.after_tokens == 0 and not sc.after_text for r, sc in zip(requests, scheds, strict=True)]
+        for s, r in enumerate(requests):
+            self.set_profile(r.profile if now[s] and scheds[s].apply_to == "all" else None, seq_id=s, strength=r.strength)
+        head = [(s, r.tokens if now[s] and scheds[s].apply_to == "all" else r.tokens[:-1], 0) for s, r in enumerate(requests)]
+        logits = self.decode([h for h in head if h[1]])
+        tail = [(s, r.tokens[-1:], len(r.tokens) - 1) for s, r in enumerate(requests) if len(head[s][1]) < len(r.tokens)]
+        for s, _, _ in tail:
+            if now[s]:
+                self.set_profile(requests[s].profile, seq_id=s, strength=requests[s].strength)
+        logits.update(self.decode(tail) if tail else {})
+        for s in range(len(requests)):
+            if now[s]:
+                outs[s].steered_from = 0
+        pos = [len(r.tokens) for r in requests]
+        active = set(range(len(requests)))
+        while active:
+            step = []
+            for s in sorted(active):
+                r, o, sc = requests[s], outs[s], scheds[s]
+                tok = _sample(logits[s], temperature, top_p, rng)
+                if tok in self._eog:
+                    o.finish_reason = "stop"
+                    active.discard(s)
+                    continue
+                o.tokens.append(tok)
+                o.text = self.model.detokenize(o.tokens)
+                if any(x in o.text for x in r.stop) or len(o.tokens) >= r.max_tokens:
+                    o.finish_reason = "stop" if any(x in o.text for x in r.stop) else "length"
+                    active.discard(s)
+                    continue
+                if r.profile is not None and o.steered_from is None and _schedule_due(sc, o):
+                    self.set_profile(r.profile, seq_id=s, strength=r.strength)
+                    o.steered_from = len(o.tokens)
+                step.append((s, [tok], pos[s]))
+                pos[s] += 1
+            if step:
+                logits = self.decode(step)
+        return outs
+
+    def generate(self, tokens: Sequence[int], *, profile: SteeringProfile | None = None, max_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, schedule: Schedule | None = None,
+                 stop: Sequence[str] = (), strength: float = 1.0) -> Completion:
+        return self.generate_many([Request(list(tokens), profile, max_tokens, strength, schedule, stop)],
+                                  temperature=temperature, top_p=top_p, seed=seed)[0]
+
+    def close(self) -> None:
+        if self.ctx:
+            self._low.llama_batch_free(self._batch)
+            self._low.llama_free(self.ctx)
+            self.ctx = None
+
+    def __enter__(self) -> SteerContext:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _schedule_due(sc: Schedule, o: Completion) -> bool:
+    if len(o.tokens) < sc.after_tokens:
+        return False
+    if sc.after_text:
+        return sc.after_text in o.text
+    return True
+
+
+def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p)
+        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
+        q = np.zeros_like(p)
+        q[keep] = p[keep]
+        p = q / q.sum()
+    return int(rng.choice(len(p), p=p))

@@ -1,0 +1,49 @@
+"""Shared fixtures: synthetic MoE GGUFs made once per session (seconds), the real patched library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moe_gguf import _lib
+
+ARCHS = ("qwen3moe", "mixtral", "deepseek2", "gpt-oss")
+DTYPES = ("f32", "q8_0")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not _lib.STATUS.ok:
+        raise pytest.UsageError(f"moe-gguf tests need the patched llama-cpp-python: {_lib.STATUS.error}")
+    gpu = _gpu_available()
+    for item in items:
+        if "gpu" in item.keywords and not gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a GPU build of llama.cpp and a GPU"))
+
+
+def _gpu_available() -> bool:
+    from llama_cpp import llama_cpp as low
+
+    return bool(low.llama_supports_gpu_offload())
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+_cache: dict[tuple[str, str], Path] = {}
+
+
+@pytest.fixture(scope="session")
+def synth_model(model_dir):
+    """synth_model(arch, dtype) -> path of a tiny synthetic model, written once per session."""
+    from moe_gguf.synth import PRESETS, write_gguf
+
+    def make(arch: str, dtype: str = "f32") -> Path:
+        key = (arch, dtype)
+        if key not in _cache:
+            _cache[key] = write_gguf(PRESETS[f"tiny-{arch}"], model_dir / f"tiny-{arch}-{dtype}.gguf", dtype=dtype)
+        return _cache[key]
+
+    return make
