@@ -114,6 +114,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.llama_moe_steer_seq.restype = ctypes.c_int32
     lib.llama_moe_set_route_callback.argtypes = [p, ROUTE_CALLBACK, p, ctypes.c_bool]
     lib.llama_moe_set_route_callback.restype = ctypes.c_int32
+    lib.llama_moe_set_n_expert_used.argtypes = [p, ctypes.c_int32, ctypes.c_int32]
+    lib.llama_moe_set_n_expert_used.restype = ctypes.c_int32
+    lib.llama_moe_get_n_expert_used.argtypes = [p, ctypes.c_int32]
+    lib.llama_moe_get_n_expert_used.restype = ctypes.c_int32
 
 
 if _LIB is not None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-PATCH_API_VERSION = 1  # LLAMA_MOE_STEER_API_VERSION in the patched llama.h
+PATCH_API_VERSION = 2  # LLAMA_MOE_STEER_API_VERSION in the patched llama.h
 
 PATCH_FILE = Path(__file__).resolve().parent.parent / "native" / f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}.patch"
 
