@@ -18,21 +18,25 @@ def _fail(msg: str) -> None:
     raise click.ClickException(msg)
 
 
-def _load(model_path: str, n_gpu_layers: int, n_ctx: int, threads: int | None, expert_used: int | None, **kw):
+def _load(model_path: str, *, n_gpu_layers: int = 0, n_ctx: int = 2048, threads: int | None = None,
+          expert_used: int | None = None, cpu_moe: bool = False, n_cpu_moe: int = 0,
+          override_tensor: tuple[str, ...] = (), no_repack: bool = False, **kw):
     from moe_gguf import _lib
     from moe_gguf.model import MoEModel
+    from moe_gguf.offload import Placement
 
     if not _lib.STATUS.ok:
         _fail(_lib.STATUS.error or "patched library missing")
     try:
         return MoEModel(model_path, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=threads,
-                        expert_used_count=expert_used, **kw)
+                        expert_used_count=expert_used, extra_bufts=not no_repack,
+                        placement=Placement(tuple(override_tensor), cpu_moe, n_cpu_moe), **kw)
     except (ModelFileError, ValueError) as e:
         _fail(str(e))
 
 
 def llama_options(f):
-    """Loading options named as llama.cpp users know them."""
+    """Loading options named as llama.cpp users know them; the command receives them as keywords."""
     for opt in reversed([
         click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", default=0, show_default=True,
                      help="Layers to offload to the GPU (-1: all)."),
@@ -40,6 +44,12 @@ def llama_options(f):
         click.option("-t", "--threads", "threads", type=int, default=None, help="CPU threads (default: all cores)."),
         click.option("--expert-used-count", "expert_used", type=int, default=None,
                      help="Experts per token (llama.cpp's <arch>.expert_used_count override, at load time)."),
+        click.option("--cpu-moe", is_flag=True, help="Keep all expert weights in host memory (llama.cpp --cpu-moe)."),
+        click.option("--n-cpu-moe", type=int, default=0, show_default=True,
+                     help="Keep the expert weights of the first N layers in host memory."),
+        click.option("-ot", "--override-tensor", multiple=True,
+                     help="PATTERN=BUFFER[,...]: weights matching the regex go to that buffer type (e.g. CPU, CUDA0)."),
+        click.option("--no-repack", is_flag=True, help="Do not use llama.cpp's CPU weight-repacking buffers."),
     ]):
         f = opt(f)
     return f
@@ -140,13 +150,13 @@ def _version() -> str:
 @click.option("--steer-after-text", default=None, help="Start steering once this text has been generated.")
 @click.option("--compare", is_flag=True, help="Also generate unsteered, in the same batch, and print both.")
 @click.option("--allow-model-mismatch", is_flag=True, help="Apply a profile made for another model if its shapes fit.")
-def generate(model_path, n_gpu_layers, n_ctx, threads, expert_used, prompt, profiles, strength, chat, max_tokens,
-             temp, top_p, seed, steer_from, steer_after_tokens, steer_after_text, compare, allow_model_mismatch) -> None:
+def generate(model_path, prompt, profiles, strength, chat, max_tokens, temp, top_p, seed, steer_from,
+             steer_after_tokens, steer_after_text, compare, allow_model_mismatch, **load) -> None:
     """Generate text with (or without) a steering profile."""
     from moe_gguf.model import Request
     from moe_gguf.profile import Schedule, SteeringProfile
 
-    model = _load(model_path, n_gpu_layers, n_ctx, threads, expert_used)
+    model = _load(model_path, **load)
     try:
         profile = _combine([SteeringProfile.load(p) for p in profiles]) if profiles else None
         if profile is not None:
@@ -191,6 +201,99 @@ def _merge(a, b):
 
 
 @main.command()
+@MODEL_OPTION
+@llama_options
+@click.option("--k", "ks", default="1,2,4,8", show_default=True, help="Experts per token to try, comma-separated.")
+@click.option("-f", "--text-file", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="Text for perplexity.")
+@click.option("--max-text-tokens", default=2048, show_default=True, help="Score at most this many tokens of the text.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the table as JSON.")
+def sweep(model_path, ks, text_file, max_text_tokens, json_out, **load) -> None:
+    """Perplexity and tokens/s for several numbers of experts per token (no reload between them)."""
+    from moe_gguf.perplexity import rows_to_json
+    from moe_gguf.perplexity import sweep as run_sweep
+
+    try:
+        k_list = [int(x) for x in ks.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--k: expected comma-separated integers, got {ks!r}")
+    model = _load(model_path, **load)
+    n = model.topology.n_expert
+    bad = [k for k in k_list if not 1 <= k <= n]
+    if bad:
+        _fail(f"--k: {bad} out of range [1, {n}] (the model has {n} experts)")
+    tokens = model.tokenize(open(text_file, encoding="utf-8", errors="replace").read())[:max_text_tokens]
+    with model.context(n_ctx=min(model.llama.n_ctx(), 512)) as ctx:
+        rows = run_sweep(ctx, k_list, tokens)
+    click.echo(f"{'k':>4} {'perplexity':>12} {'pp tok/s':>10} {'tg tok/s':>10}")
+    for r in rows:
+        click.echo(f"{r.n_expert_used:>4} {r.perplexity:>12.3f} {r.pp_tokens_per_s:>10.1f} {r.tg_tokens_per_s:>10.1f}")
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump({"model": str(model_path), "default_k": model.topology.n_expert_used, "rows": rows_to_json(rows)}, f,
+                      indent=2)
+    model.close()
+
+
+@main.command()
+@MODEL_OPTION
+@llama_options
+@click.option("-i", "--input", "input_path", required=True, type=click.Path(dir_okay=False),
+              help="JSONL: prompt, label, [response], [pair_id], [chat].")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Count file (.npz); resumed if present.")
+@click.option("--tokens", "token_mode", type=click.Choice(["prompt", "response", "generated"]), default="prompt",
+              show_default=True, help="Which tokens to count: the prompt, the given response, or the model's own output.")
+@click.option("--raw", is_flag=True, help="Use prompts as raw text instead of the chat template.")
+@click.option("--batch", "n_seq", default=8, show_default=True, help="Sequences decoded together.")
+@click.option("--max-new-tokens", default=32, show_default=True, help="For --tokens generated.")
+def probe(model_path, input_path, out, token_mode, raw, n_seq, max_new_tokens, **load) -> None:
+    """Count which experts route the chosen tokens, per label (additive, resumable)."""
+    from moe_gguf.probe import ProbeInputError, load_jsonl
+    from moe_gguf.probe import probe as run_probe
+
+    try:
+        items = load_jsonl(input_path)
+    except ProbeInputError as e:
+        _fail(str(e))
+    model = _load(model_path, **load)
+    with click.progressbar(length=len(items), label=f"probing {len(items)} items ({token_mode} tokens)",
+                           file=sys.stderr) as bar:
+        done = [0]
+
+        def progress(n: int, total: int) -> None:
+            bar.update(n - done[0])
+            done[0] = n
+
+        try:
+            res = run_probe(model, items, token_mode=token_mode, chat=not raw, n_seq=n_seq,
+                            max_new_tokens=max_new_tokens, out=out, progress=progress)
+        except (ProbeInputError, ValueError) as e:
+            _fail(str(e))
+    for lab in res.labels:
+        rec = res.records[lab]
+        click.echo(f"{lab}: {sum(1 for x in res.item_labels if x == lab)} items, {int(rec.tokens.max())} tokens per layer")
+    click.echo(f"wrote {out}")
+    model.close()
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
+def merge(inputs, out) -> None:
+    """Add up probe count files (e.g. from several machines) into one."""
+    from moe_gguf.probe import ProbeResult
+
+    try:
+        total = ProbeResult.load(inputs[0])
+        for p in inputs[1:]:
+            total = total + ProbeResult.load(p)
+    except ValueError as e:
+        _fail(str(e))
+    total.save(out)
+    click.echo(f"merged {len(inputs)} files, {len(total.item_labels)} items: {out}")
+
+
+@main.command()
 @click.argument("preset_or_arch")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Output GGUF path.")
 @click.option("--dtype", type=click.Choice(["f32", "f16", "q8_0", "q4_0", "q4_k"]), default="f32", show_default=True)
@@ -201,10 +304,22 @@ def synth(preset_or_arch: str, out: str, dtype: str, n_layer: int | None, seed: 
     from moe_gguf.synth import PRESETS, main_synth
 
     try:
-        path = main_synth(preset_or_arch, out, dtype=dtype, n_layer=n_layer, seed=seed)
+        main_synth(preset_or_arch, out, dtype=dtype, n_layer=n_layer, seed=seed)  # prints a summary line
     except (KeyError, ValueError) as e:
         _fail(f"{e}; presets: {', '.join(PRESETS)}")
-    click.echo(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
+
+
+@main.command()
+@click.argument("model_path", required=False, type=click.Path(dir_okay=False))
+@llama_options
+@click.option("--profile", "profiles", multiple=True, type=click.Path(dir_okay=False), help="Steering profile(s) to load.")
+@click.option("--system", "system_prompt", default=None, help="System prompt.")
+def chat(model_path, profiles, system_prompt, n_gpu_layers, n_ctx, threads, expert_used, **placement) -> None:
+    """Chat in the terminal with live expert steering (default model: the shipped demo model)."""
+    from tui.app import run_chat
+
+    run_chat(model_path=model_path, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads,
+             expert_used_count=expert_used, profiles=list(profiles), system_prompt=system_prompt, **placement)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import numpy as np
 
 from moe_gguf import _lib
 from moe_gguf.errors import ModelFileError, NotMoEError
+from moe_gguf.offload import Placement, model_params, override_array
 from moe_gguf.profile import Schedule, SteeringProfile
 from moe_gguf.recorder import RoutingRecorder
 from moe_gguf.topology import ModelTopology
@@ -41,7 +42,13 @@ class MoEModel:
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int = 2048, n_gpu_layers: int = 0,
                  n_threads: int | None = None, n_batch: int = 512, expert_used_count: int | None = None,
+                 placement: Placement | None = None, extra_bufts: bool = True,
                  seed: int = 0, verbose: bool = False, **llama_kwargs) -> None:
+        """Load a MoE GGUF.
+
+        placement: where expert weights live (llama.cpp's --cpu-moe / --n-cpu-moe / -ot).
+        extra_bufts: llama.cpp's CPU weight repacking buffers (False: plain CPU buffers).
+        """
         self.path = Path(path)
         self.topology = ModelTopology.from_gguf(self.path, expert_used_override=expert_used_count)
         if not self.topology.is_moe:
@@ -55,9 +62,19 @@ class MoEModel:
                 raise ValueError(f"expert_used_count must be in [1, {self.topology.n_expert}], got {expert_used_count}")
             kv[f"{self.topology.arch}.expert_used_count"] = int(expert_used_count)
         self.n_threads = n_threads or max(1, (os.cpu_count() or 2))
+        self.placement = placement or Placement()
+        # the override array must outlive the model: llama.cpp keeps the pointer
+        self._overrides = override_array(self.placement.rules(self.topology.n_layer))
+        fields: dict = {}
+        if self._overrides is not None:
+            fields["tensor_buft_overrides"] = ctypes.cast(self._overrides, ctypes.c_void_p)
+        if not extra_bufts:
+            fields["use_extra_bufts"] = False
         try:
-            self.llama = Llama(model_path=str(self.path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=self.n_threads,
-                               n_batch=n_batch, seed=seed, kv_overrides=kv or None, verbose=verbose, **llama_kwargs)
+            with model_params(**fields):
+                self.llama = Llama(model_path=str(self.path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
+                                   n_threads=self.n_threads, n_batch=n_batch, seed=seed, kv_overrides=kv or None,
+                                   verbose=verbose, **llama_kwargs)
         except ValueError as e:
             raise ModelFileError(f"{self.path}: llama.cpp could not load the model ({e})") from e
         self._low = low
@@ -69,6 +86,12 @@ class MoEModel:
         """Steer every later call on ``self.llama`` with ``profile`` (None: stop steering)."""
         self._chat.set_profile(profile, seq_id=-1, strength=strength, allow_mismatch=allow_mismatch)
         # Llama keeps a prefix cache of evaluated tokens: they were computed with the old steering
+        self.llama.reset()
+        self._low.llama_memory_clear(self._low.llama_get_memory(self.llama.ctx), True)
+
+    def set_n_expert_used(self, n: int, *, layer: int = -1) -> None:
+        """Experts per token on ``self.llama``'s context (0: the model's value); no reload."""
+        _set_n_expert_used(self.llama.ctx, n, layer)
         self.llama.reset()
         self._low.llama_memory_clear(self._low.llama_get_memory(self.llama.ctx), True)
 
@@ -173,6 +196,15 @@ class Completion:
     finish_reason: str = "length"
 
 
+@dataclass
+class StreamEvent:
+    """One generation step: the new token of each sequence that produced one, all completions so far."""
+
+    new_tokens: dict[int, int]
+    completions: list[Completion]
+    done: bool
+
+
 class SteerContext:
     """A llama_context with n_seq_max sequences, per-sequence profiles and routing capture."""
 
@@ -212,6 +244,18 @@ class SteerContext:
 
     def clear_steering(self) -> None:
         self._steering.clear()
+
+    def set_n_expert_used(self, n: int, *, layer: int = -1) -> None:
+        """Experts per token from the next decode on (0: the model's value; layer -1: every MoE layer).
+
+        Refused below the number of experts a profile in use forces in a layer.
+        """
+        _set_n_expert_used(self.ctx, n, layer)
+
+    def n_expert_used(self, layer: int) -> int:
+        n = _lib.lib().llama_moe_get_n_expert_used(self.ctx, layer)
+        _lib.check(min(n, 0), f"layer {layer}")
+        return n
 
     # -- routing capture --
 
@@ -281,8 +325,24 @@ class SteerContext:
     def generate_many(self, requests: Sequence[Request], *, temperature: float = 0.0, top_p: float = 1.0,
                       seed: int = 0) -> list[Completion]:
         """Generate for several sequences in the same batches, each with its own profile and schedule."""
+        outs: list[Completion] = []
+        for ev in self.stream(requests, temperature=temperature, top_p=top_p, seed=seed):
+            outs = ev.completions
+        return outs
+
+    def stream(self, requests: Sequence[Request], *, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int = 0) -> Iterator[StreamEvent]:
+        """Like generate_many, yielding after every decode step; stop iterating to stop generating."""
+        if not requests:
+            return
         if len(requests) > self.n_seq_max:
             raise ValueError(f"{len(requests)} requests for a context of {self.n_seq_max} sequences")
+        for r in requests:
+            if not r.tokens:
+                raise ValueError("empty prompt: give at least one token")
+            if len(r.tokens) + r.max_tokens > self.n_ctx:
+                raise ValueError(f"prompt of {len(r.tokens)} tokens + {r.max_tokens} new tokens exceeds the context "
+                                 f"of {self.n_ctx} tokens; use a larger n_ctx or fewer max_tokens")
         rng = np.random.default_rng(seed)
         self.clear_memory()
         outs = [Completion() for _ in requests]
@@ -306,6 +366,7 @@ class SteerContext:
         active = set(range(len(requests)))
         while active:
             step = []
+            new: dict[int, int] = {}
             for s in sorted(active):
                 r, o, sc = requests[s], outs[s], scheds[s]
                 tok = _sample(logits[s], temperature, top_p, rng)
@@ -315,6 +376,7 @@ class SteerContext:
                     continue
                 o.tokens.append(tok)
                 o.text = self.model.detokenize(o.tokens)
+                new[s] = tok
                 if any(x in o.text for x in r.stop) or len(o.tokens) >= r.max_tokens:
                     o.finish_reason = "stop" if any(x in o.text for x in r.stop) else "length"
                     active.discard(s)
@@ -324,9 +386,9 @@ class SteerContext:
                     o.steered_from = len(o.tokens)
                 step.append((s, [tok], pos[s]))
                 pos[s] += 1
+            yield StreamEvent(new, outs, not active)
             if step:
                 logits = self.decode(step)
-        return outs
 
     def generate(self, tokens: Sequence[int], *, profile: SteeringProfile | None = None, max_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, schedule: Schedule | None = None,
@@ -351,6 +413,10 @@ class SteerContext:
             self.close()
         except Exception:
             pass
+
+
+def _set_n_expert_used(ctx, n: int, layer: int) -> None:
+    _lib.check(_lib.lib().llama_moe_set_n_expert_used(ctx, layer, n), f"{n} experts per token in layer {layer}")
 
 
 def _schedule_due(sc: Schedule, o: Completion) -> bool:

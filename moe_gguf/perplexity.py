@@ -1,0 +1,75 @@
+"""Perplexity of a text under a (possibly steered) context, and the experts-per-token sweep."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from moe_gguf.model import SteerContext
+
+
+@dataclass
+class Perplexity:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per scored token
+    n_scored: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.n_scored / self.seconds if self.seconds > 0 else math.inf
+
+
+def perplexity(ctx: SteerContext, tokens: Sequence[int], *, chunk: int | None = None, seq_id: int = 0) -> Perplexity:
+    """Chunks of ``chunk`` tokens (default: the context size), each decoded from position 0;
+    every token after the first of a chunk is scored."""
+    chunk = min(chunk or ctx.n_ctx, ctx.n_ctx)
+    if len(tokens) < 2:
+        raise ValueError("perplexity needs at least 2 tokens of text")
+    nll, n = 0.0, 0
+    t0 = time.perf_counter()
+    for start in range(0, len(tokens) - 1, chunk):
+        part = list(tokens[start:start + chunk])
+        if len(part) < 2:
+            break
+        ctx.clear_memory(seq_id)
+        logits = ctx.decode([(seq_id, part, 0)], logits="all")[seq_id].astype(np.float64)
+        z = logits[:-1] - logits[:-1].max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        nll -= logp[np.arange(len(part) - 1), part[1:]].sum()
+        n += len(part) - 1
+    secs = time.perf_counter() - t0
+    return Perplexity(math.exp(nll / n), nll / n, n, secs)
+
+
+@dataclass
+class SweepRow:
+    n_expert_used: int
+    perplexity: float
+    pp_tokens_per_s: float  # prompt processing (the perplexity pass)
+    tg_tokens_per_s: float  # generation, one token per decode
+
+
+def sweep(ctx: SteerContext, ks: Sequence[int], tokens: Sequence[int], *, gen_tokens: int = 32) -> list[SweepRow]:
+    """For each k: perplexity of ``tokens`` and decode speed with k experts per token."""
+    rows = []
+    try:
+        for k in ks:
+            ctx.set_n_expert_used(k)
+            ppl = perplexity(ctx, tokens)
+            ctx.clear_memory()
+            t0 = time.perf_counter()
+            out = ctx.generate(list(tokens[:8]), max_tokens=gen_tokens)
+            dt = time.perf_counter() - t0
+            rows.append(SweepRow(k, ppl.perplexity, ppl.tokens_per_second, max(len(out.tokens), 1) / dt))
+    finally:
+        ctx.set_n_expert_used(0)
+    return rows
+
+
+def rows_to_json(rows: list[SweepRow]) -> list[dict]:
+    return [asdict(r) for r in rows]
