@@ -349,13 +349,13 @@ class SteeringProfile:
                     bias[e.expert] = e.value
                 else:
                     scale[e.expert] = e.value
-            if not (math.isfinite(bias[e.expert]) and math.isfinite(scale[e.expert]) and scale[e.expert] > 0):
+            if not (math.isfinite(bias[e.expert]) and math.isfinite(scale[e.expert]) and scale[e.expert] >= 0):
                 raise ProfileError(f"{self._label()}: {_name(i, self.entries[i])}: with strength {strength} its value leaves the "
                                    "float32 range; use a smaller strength")
         return dict(sorted(out.items()))
 
     def with_strength(self, s: float) -> SteeringProfile:
-        """A copy with biases multiplied by s and scales raised to the power s."""
+        """A copy with biases multiplied by s and scales raised to the power s (a scale of 0 stays 0 for s > 0)."""
         if not _is_number(s) or not math.isfinite(s):
             raise ProfileError(f"strength must be a finite number, got {s!r}")
         self.validate()
@@ -363,10 +363,15 @@ class SteeringProfile:
         for i, e in enumerate(self.entries):
             if e.action in _VALUED:
                 try:
-                    v = e.value * s if e.action == "bias" else e.value ** s
+                    if e.action == "bias":
+                        v = e.value * s
+                    elif e.value == 0:  # zero-ablation: on at any positive strength, neutral at 0
+                        v = 0.0 if s > 0 else 1.0 if s == 0 else math.inf
+                    else:
+                        v = e.value ** s
                 except OverflowError:
                     v = math.inf
-                if not math.isfinite(v) or (e.action == "scale" and v <= 0):
+                if not math.isfinite(v) or (e.action == "scale" and v < 0):
                     raise ProfileError(f"{self._label()}: {_name(i, e)}: strength {s} makes its value {v}; use a smaller strength")
                 e = replace(e, value=float(v))
             entries.append(e)
@@ -431,9 +436,9 @@ def _checked_entry(i: int, e: Any, source: str) -> SteeringEntry:
         value = float(value)
         if not math.isfinite(value):
             raise ProfileError(f"{where}: 'value' must be finite, found {value}")
-        if e.action == "scale" and value <= 0:
-            raise ProfileError(f"{where}: a scale must be > 0 (strength interpolates it in log space); "
-                               "to stop an expert from being used, use action 'disable'")
+        if e.action == "scale" and value < 0:
+            raise ProfileError(f"{where}: a scale must be >= 0 (0 zero-ablates the expert in its slot; "
+                               "to let the next expert take its slot, use action 'disable')")
     elif value is not None:
         raise ProfileError(f"{where}: action {e.action!r} takes no 'value'; remove it, or use 'bias' or 'scale'")
     return SteeringEntry(int(e.layer), int(e.expert), e.action, value)

@@ -144,7 +144,7 @@ def test_not_an_object_and_missing_entries():
     ({"layer": 1, "expert": 3, "action": "force", "value": 0}, "takes no 'value'"),
     ({"layer": 1, "expert": 3, "action": "bias", "value": float("nan")}, "must be finite"),
     ({"layer": 1, "expert": 3, "action": "scale", "value": float("inf")}, "must be finite"),
-    ({"layer": 1, "expert": 3, "action": "scale", "value": 0.0}, "scale must be > 0"),
+    ({"layer": 1, "expert": 3, "action": "scale", "value": -1.0}, "scale must be >= 0"),
     ({"layer": 1, "expert": 3, "action": "bias", "value": "2"}, "'value' must be a number"),
     ({"layer": 1, "expert": 3, "action": "bias", "value": True}, "'value' must be a number"),
     ({"layer": -1, "expert": 3, "action": "disable"}, "'layer' must be >= 0"),
@@ -418,3 +418,11 @@ def test_for_model_experts_summary():
     assert "layer 2: force 1, scale 1 (0.5)" in text and "for model: qwen3moe" in text
     sched = replace(p, schedule=Schedule("generated", 4, "Answer:")).summary()
     assert "generated tokens, after 4 generated tokens, after the text 'Answer:'" in sched
+
+
+def test_scale_zero_is_zero_ablation_at_any_positive_strength():
+    p = SteeringProfile.for_model(topo()).scale(2, 1, 0.0)
+    assert p.with_strength(0.5).entries[0].value == 0.0
+    assert p.with_strength(0.0).entries[0].value == 1.0  # strength 0: neutral
+    with pytest.raises(ProfileError, match="strength"):
+        p.with_strength(-1.0)

@@ -205,3 +205,16 @@ def test_values_change_without_rebuild_but_results_follow(models):
             outs.append(ctx.decode([(0, PROMPT, 0)])[0])
     assert not np.array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_scale_zero_ablates_in_place(models, arch):
+    """scale 0: the expert keeps its slot (selection unchanged) but contributes nothing."""
+    m = models(arch, "f32")
+    topo = m.topology
+    _, base, _ = run(m)
+    layer = topo.moe_layers[0]
+    e = busiest(base, layer)
+    _, rec, _ = run(m, SteeringProfile.for_model(topo).scale(layer, e, 0.0))
+    np.testing.assert_array_equal(rec.record.selections[layer], base.record.selections[layer])
+    assert rec.record.weight_sum[layer, e] == 0.0
