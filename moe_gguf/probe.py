@@ -1,0 +1,311 @@
+"""Probing: routing counts per condition over a JSONL dataset, batched, resumable, mergeable.
+
+Input lines: {"prompt": str, "label": str, "response": str (optional), "pair_id": any (optional),
+"chat": bool (optional, default: the probe's setting)}.
+
+Which tokens count (the study must say which it used):
+- "prompt":    the prompt's tokens (the request as the model reads it);
+- "response":  the given response, teacher-forced after the prompt;
+- "generated": the model's own greedy continuation (generated, then re-read teacher-forced).
+
+The result holds, per label, a RoutingRecord (selections, summed weights, tokens per layer) and
+per item its own [layer, expert] selection map (for fTRI-style per-prompt maps and bootstrap).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moe_gguf.model import MoEModel
+from moe_gguf.recorder import RoutingRecord
+
+FORMAT = "moe-gguf-probe"
+VERSION = 1
+TOKEN_MODES = ("prompt", "response", "generated")
+
+
+class ProbeInputError(ValueError):
+    """A probe dataset line is malformed."""
+
+
+@dataclass(frozen=True)
+class ProbeItem:
+    prompt: str
+    label: str
+    response: str | None = None
+    pair_id: str | None = None
+    chat: bool | None = None
+
+
+def load_jsonl(path: str | os.PathLike) -> list[ProbeItem]:
+    """Read and validate a probe dataset; errors name the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ProbeInputError(f"{path}: cannot read the probe dataset ({e})") from e
+    items = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ProbeInputError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from e
+        items.append(parse_item(d, where=f"{path}:{n}"))
+    if not items:
+        raise ProbeInputError(f"{path}: no probe items (one JSON object per line)")
+    return items
+
+
+def parse_item(d: object, *, where: str) -> ProbeItem:
+    if not isinstance(d, dict):
+        raise ProbeInputError(f"{where}: expected a JSON object, found {type(d).__name__}")
+    unknown = set(d) - {"prompt", "label", "response", "pair_id", "chat"}
+    if unknown:
+        raise ProbeInputError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: prompt, label, response, pair_id, chat")
+    for key in ("prompt", "label"):
+        if not isinstance(d.get(key), str) or not d[key]:
+            raise ProbeInputError(f"{where}: '{key}' must be a non-empty string")
+    if d.get("response") is not None and not isinstance(d["response"], str):
+        raise ProbeInputError(f"{where}: 'response' must be a string")
+    if d.get("chat") is not None and not isinstance(d["chat"], bool):
+        raise ProbeInputError(f"{where}: 'chat' must be true or false")
+    pair = d.get("pair_id")
+    return ProbeItem(d["prompt"], d["label"], d.get("response"), None if pair is None else str(pair), d.get("chat"))
+
+
+@dataclass
+class ProbeResult:
+    """Routing counts per label plus per-item maps; additive across runs of the same model and mode."""
+
+    n_layer: int
+    n_expert: int
+    token_mode: str
+    records: dict[str, RoutingRecord] = field(default_factory=dict)
+    item_labels: list[str] = field(default_factory=list)
+    item_pairs: list[str | None] = field(default_factory=list)
+    item_maps: np.ndarray | None = None  # int32 [n_items, n_layer, n_expert] selections per item
+    item_tokens: np.ndarray | None = None  # int32 [n_items, n_layer] tokens routed per item
+    meta: dict = field(default_factory=dict)
+
+    def record(self, label: str) -> RoutingRecord:
+        if label not in self.records:
+            self.records[label] = RoutingRecord(self.n_layer, self.n_expert)
+        return self.records[label]
+
+    @property
+    def labels(self) -> list[str]:
+        return sorted(self.records)
+
+    def __add__(self, other: ProbeResult) -> ProbeResult:
+        if (self.n_layer, self.n_expert, self.token_mode) != (other.n_layer, other.n_expert, other.token_mode):
+            raise ValueError(f"cannot merge probes of {self.n_layer}x{self.n_expert} ({self.token_mode} tokens) and "
+                             f"{other.n_layer}x{other.n_expert} ({other.token_mode} tokens)")
+        a, b = self.meta.get("model"), other.meta.get("model")
+        if a and b and a != b:
+            raise ValueError(f"cannot merge probes of different models: {a} vs {b}")
+        out = ProbeResult(self.n_layer, self.n_expert, self.token_mode, meta=dict(self.meta))
+        for lab in set(self.records) | set(other.records):
+            zero = RoutingRecord(self.n_layer, self.n_expert)
+            out.records[lab] = self.records.get(lab, zero) + other.records.get(lab, zero)
+        out.item_labels = self.item_labels + other.item_labels
+        out.item_pairs = self.item_pairs + other.item_pairs
+        out.item_maps = _cat(self.item_maps, other.item_maps)
+        out.item_tokens = _cat(self.item_tokens, other.item_tokens)
+        out.meta["n_items"] = len(out.item_labels)
+        return out
+
+    # -- files: one .npz, written atomically --
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        arrays: dict[str, np.ndarray] = {}
+        for lab, rec in self.records.items():
+            arrays[f"selections/{lab}"] = rec.selections
+            arrays[f"weight_sum/{lab}"] = rec.weight_sum
+            arrays[f"tokens/{lab}"] = rec.tokens
+        if self.item_maps is not None:
+            arrays["item_maps"] = self.item_maps
+            arrays["item_tokens"] = self.item_tokens
+        meta = {"format": FORMAT, "version": VERSION, "n_layer": self.n_layer, "n_expert": self.n_expert,
+                "token_mode": self.token_mode, "labels": self.labels, "item_labels": self.item_labels,
+                "item_pairs": self.item_pairs, "meta": self.meta}
+        arrays["meta.json"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        _atomic_write_bytes(path, buf.getvalue())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ProbeResult:
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(bytes(z["meta.json"]).decode())
+                if meta.get("format") != FORMAT:
+                    raise ValueError(f"format {meta.get('format')!r}")
+                if meta.get("version", 0) > VERSION:
+                    raise ValueError(f"version {meta['version']} is newer than this moe-gguf ({VERSION}): upgrade")
+                res = cls(meta["n_layer"], meta["n_expert"], meta["token_mode"], meta=meta.get("meta", {}))
+                for lab in meta["labels"]:
+                    res.records[lab] = RoutingRecord(res.n_layer, res.n_expert, z[f"selections/{lab}"].astype(np.int64),
+                                                     z[f"weight_sum/{lab}"].astype(np.float64),
+                                                     z[f"tokens/{lab}"].astype(np.int64))
+                res.item_labels = list(meta["item_labels"])
+                res.item_pairs = list(meta["item_pairs"])
+                if "item_maps" in z:
+                    res.item_maps, res.item_tokens = z["item_maps"], z["item_tokens"]
+        except FileNotFoundError as e:
+            raise ValueError(f"probe result not found: {path}") from e
+        except (KeyError, ValueError, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a readable moe-gguf probe result ({e})") from e
+        n = len(res.item_labels)
+        if res.item_maps is not None and res.item_maps.shape != (n, res.n_layer, res.n_expert):
+            raise ValueError(f"{path}: per-item maps of shape {res.item_maps.shape} for {n} items")
+        return res
+
+
+def _cat(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return np.concatenate([a, b])
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def dataset_hash(items: Sequence[ProbeItem], **options) -> str:
+    h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
+    for it in items:
+        h.update(json.dumps([it.prompt, it.label, it.response, it.pair_id, it.chat]).encode())
+    return h.hexdigest()[:16]
+
+
+def _tokens_for(model: MoEModel, it: ProbeItem, chat: bool) -> tuple[list[int], int]:
+    """(prompt tokens, and the response tokens appended), as the model would see them."""
+    use_chat = chat if it.chat is None else it.chat
+    if use_chat:
+        text = model.chat_prompt([{"role": "user", "content": it.prompt}])
+        toks = model.tokenize(text, add_bos=False)
+    else:
+        toks = model.tokenize(it.prompt)
+    return toks, len(toks)
+
+
+def probe(model: MoEModel, items: Sequence[ProbeItem], *, token_mode: str = "prompt", chat: bool = True,
+          n_seq: int = 8, max_new_tokens: int = 32, out: str | os.PathLike | None = None,
+          progress: Callable[[int, int], None] | None = None) -> ProbeResult:
+    """Route ``items`` through the model and count, per label, the experts chosen on the chosen tokens.
+
+    With ``out``, the result is saved after every batch together with the position reached; a
+    probe started again with the same inputs and options continues from there, so an interrupted
+    probe loses at most one batch of work and never counts an item twice.
+    """
+    if token_mode not in TOKEN_MODES:
+        raise ValueError(f"token_mode must be one of {TOKEN_MODES}, got {token_mode!r}")
+    if token_mode == "response":
+        missing = [i for i, it in enumerate(items) if not it.response]
+        if missing:
+            raise ProbeInputError(f"token_mode 'response' needs a 'response' in every item; item(s) {missing[:5]} have none")
+    topo = model.topology
+    key = dataset_hash(items, token_mode=token_mode, chat=chat, max_new_tokens=max_new_tokens,
+                       model=topo.fingerprint_id())
+    res: ProbeResult | None = None
+    if out is not None and Path(out).exists():
+        prev = ProbeResult.load(out)
+        if prev.meta.get("input_hash") == key:
+            res = prev
+    if res is None:
+        res = ProbeResult(topo.n_layer, topo.n_expert, token_mode,
+                          meta={"model": topo.fingerprint(), "input_hash": key, "chat": chat, "n_items": 0},
+                          item_maps=np.zeros((0, topo.n_layer, topo.n_expert), np.int32),
+                          item_tokens=np.zeros((0, topo.n_layer), np.int32))
+    start = len(res.item_labels)
+    n_seq = max(1, min(n_seq, len(items)))
+    with model.context(n_seq_max=n_seq, n_ctx=model.llama.n_ctx(), n_batch=max(512, model.llama.n_batch)) as ctx:
+        for b0 in range(start, len(items), n_seq):
+            batch = list(items[b0:b0 + n_seq])
+            seqs, spans = [], []
+            for s, it in enumerate(batch):
+                toks, n_prompt = _tokens_for(model, it, chat)
+                if token_mode == "response":
+                    toks = toks + model.tokenize(it.response or "", add_bos=False)
+                    spans.append((n_prompt, len(toks)))
+                elif token_mode == "prompt":
+                    spans.append((0, n_prompt))
+                seqs.append(toks)
+            if token_mode == "generated":
+                for s, toks in enumerate(seqs):
+                    gen = ctx.generate(toks, max_tokens=max_new_tokens)
+                    spans.append((len(toks), len(toks) + len(gen.tokens)))
+                    seqs[s] = toks + gen.tokens
+            for s, toks in enumerate(seqs):
+                if len(toks) > ctx.n_ctx:
+                    raise ProbeInputError(f"item {b0 + s}: {len(toks)} tokens do not fit the context of {ctx.n_ctx}")
+            maps = np.zeros((len(batch), topo.n_layer, topo.n_expert), np.int64)
+            wsum = np.zeros((len(batch), topo.n_layer, topo.n_expert), np.float64)
+            ntok = np.zeros((len(batch), topo.n_layer), np.int64)
+
+            def on_route(route, spans=spans, maps=maps, wsum=wsum, ntok=ntok) -> None:
+                n, k, layer = route.n_tokens, route.n_expert_used, route.il
+                ids = np.ctypeslib.as_array(route.ids, shape=(n, k))
+                w = np.ctypeslib.as_array(route.weights, shape=(n, k))
+                seq = np.ctypeslib.as_array(route.seq_id, shape=(n,))
+                pos = np.ctypeslib.as_array(route.pos, shape=(n,))
+                for s, (lo, hi) in enumerate(spans):
+                    m = (seq == s) & (pos >= lo) & (pos < hi)
+                    if m.any():
+                        maps[s, layer] += np.bincount(ids[m].ravel(), minlength=topo.n_expert)
+                        wsum[s, layer] += np.bincount(ids[m].ravel(), weights=w[m].ravel(), minlength=topo.n_expert)
+                        ntok[s, layer] += int(m.sum())
+
+            ctx.set_recorder(_Callback(on_route))
+            ctx.clear_memory()
+            ctx.decode([(s, toks, 0) for s, toks in enumerate(seqs)], logits="all")
+            ctx.set_recorder(None)
+            for s, it in enumerate(batch):
+                rec = res.record(it.label)
+                rec.selections += maps[s]
+                rec.weight_sum += wsum[s]
+                rec.tokens += ntok[s]
+            res.item_labels += [it.label for it in batch]
+            res.item_pairs += [it.pair_id for it in batch]
+            res.item_maps = np.concatenate([res.item_maps, maps.astype(np.int32)])
+            res.item_tokens = np.concatenate([res.item_tokens, ntok.astype(np.int32)])
+            res.meta["n_items"] = len(res.item_labels)
+            if out is not None:
+                res.save(out)
+            if progress:
+                progress(len(res.item_labels), len(items))
+    return res
+
+
+class _Callback:
+    """Adapts a function of one llama_moe_route to the recorder interface SteerContext expects."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.on_route = fn

@@ -1,0 +1,103 @@
+"""Probing: per-label counts, token modes, resume after interruption, merge."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from moe_gguf.model import MoEModel
+from moe_gguf.probe import ProbeInputError, ProbeResult, load_jsonl, parse_item, probe
+
+ITEMS = [parse_item({"prompt": f"request number {i} about topic {i % 3}", "label": "a" if i % 2 else "b",
+                     "response": f"answer {i}", "pair_id": i // 2}, where="test") for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def model(synth_model):
+    m = MoEModel(synth_model("qwen3moe", "q8_0"), n_ctx=512, n_threads=2)
+    yield m
+    m.close()
+
+
+def test_counts_per_label_and_item(model):
+    res = probe(model, ITEMS, n_seq=4)
+    topo = model.topology
+    assert res.labels == ["a", "b"]
+    assert res.item_maps.shape == (10, topo.n_layer, topo.n_expert)
+    for lab in res.labels:
+        idx = [i for i, x in enumerate(res.item_labels) if x == lab]
+        np.testing.assert_array_equal(res.item_maps[idx].sum(0), res.records[lab].selections)
+    # every prompt token counted once per MoE layer, k experts each
+    layer = topo.moe_layers[0]
+    assert (res.item_maps[:, layer].sum(1) == res.item_tokens[:, layer] * topo.n_expert_used).all()
+
+
+def test_batching_does_not_change_counts(model):
+    a, b = probe(model, ITEMS, n_seq=1), probe(model, ITEMS, n_seq=5)
+    np.testing.assert_array_equal(a.item_maps, b.item_maps)
+
+
+def test_token_modes_count_different_tokens(model):
+    p = probe(model, ITEMS[:4], token_mode="prompt")
+    r = probe(model, ITEMS[:4], token_mode="response")
+    g = probe(model, ITEMS[:4], token_mode="generated", max_new_tokens=5)
+    layer = model.topology.moe_layers[0]
+    n_resp = [len(model.tokenize(it.response, add_bos=False)) for it in ITEMS[:4]]
+    assert list(r.item_tokens[:, layer]) == n_resp
+    assert (g.item_tokens[:, layer] <= 5).all() and (g.item_tokens[:, layer] >= 1).all()
+    assert (p.item_tokens[:, layer] > r.item_tokens[:, layer]).all()
+
+
+def test_interrupted_probe_resumes_to_the_exact_counts(model, tmp_path):
+    full = probe(model, ITEMS, n_seq=3)
+    out = tmp_path / "p.npz"
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(done, total):
+        if done >= 6:
+            raise Stop
+
+    with pytest.raises(Stop):
+        probe(model, ITEMS, n_seq=3, out=out, progress=stop_after_two)
+    assert len(ProbeResult.load(out).item_labels) == 6
+    resumed = probe(model, ITEMS, n_seq=3, out=out)
+    np.testing.assert_array_equal(resumed.item_maps, full.item_maps)
+    for lab in full.labels:
+        np.testing.assert_array_equal(resumed.records[lab].selections, full.records[lab].selections)
+    # other inputs: the old file is not reused
+    other = probe(model, ITEMS[:2], n_seq=3, out=out)
+    assert len(other.item_labels) == 2
+
+
+def test_merge_of_parts_equals_the_whole(model, tmp_path):
+    whole = probe(model, ITEMS)
+    parts = probe(model, ITEMS[:4]) + probe(model, ITEMS[4:])
+    for lab in whole.labels:
+        np.testing.assert_array_equal(parts.records[lab].selections, whole.records[lab].selections)
+        np.testing.assert_array_equal(parts.records[lab].tokens, whole.records[lab].tokens)
+    np.testing.assert_array_equal(parts.item_maps, whole.item_maps)
+    parts.save(tmp_path / "m.npz")
+    back = ProbeResult.load(tmp_path / "m.npz")
+    assert back.item_labels == whole.item_labels
+
+
+def test_bad_jsonl_names_file_and_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"prompt": "x", "label": "a"}) + "\n" + '{"prompt": 3, "label": "a"}\n')
+    with pytest.raises(ProbeInputError, match=r"d\.jsonl:2: 'prompt'"):
+        load_jsonl(p)
+    p.write_text("{not json}\n")
+    with pytest.raises(ProbeInputError, match=r"d\.jsonl:1: not valid JSON"):
+        load_jsonl(p)
+    p.write_text(json.dumps({"prompt": "x", "label": "a", "extra": 1}) + "\n")
+    with pytest.raises(ProbeInputError, match="unknown field"):
+        load_jsonl(p)
+
+
+def test_response_mode_needs_responses(model):
+    with pytest.raises(ProbeInputError, match="response"):
+        probe(model, [parse_item({"prompt": "x", "label": "a"}, where="t")], token_mode="response")
