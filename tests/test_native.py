@@ -1,0 +1,46 @@
+"""The reproducible build: pinned sdist, patch application, cache key, import-time check."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from moe_gguf import _lib, native
+
+
+def test_loaded_library_carries_the_patch():
+    assert _lib.STATUS.ok, _lib.STATUS.error
+    assert _lib.STATUS.llama_cpp_version == native.LLAMA_CPP_PYTHON_VERSION
+    assert "ok" in _lib.status_line()
+
+
+def test_patch_that_does_not_apply_names_the_version(tmp_path):
+    src = tmp_path / "src"
+    (src / "vendor/llama.cpp/include").mkdir(parents=True)
+    (src / "vendor/llama.cpp/include/llama.h").write_text("not the llama.h this patch expects\n")
+    with pytest.raises(native.NativeBuildError, match=r"does not apply to llama-cpp-python 0\.3\.36"):
+        native.apply_patch(src)
+
+
+def test_cache_key_follows_patch_and_cmake_args(monkeypatch):
+    monkeypatch.delenv("CMAKE_ARGS", raising=False)
+    plain = native.build_key()
+    monkeypatch.setenv("CMAKE_ARGS", "-DGGML_CUDA=on")
+    assert native.build_key() != plain
+    assert native.cmake_args()[-1] == "-DGGML_CUDA=on"  # the user's args come last and win
+
+
+def test_sdist_with_wrong_checksum_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_GGUF_CACHE", str(tmp_path))
+    bad = tmp_path / "sdist" / f"llama_cpp_python-{native.LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"tampered")
+    with pytest.raises(native.NativeBuildError, match="sha256"):
+        native.fetch_sdist(log=lambda *_: None)
+    assert not bad.exists()  # removed, so the next build downloads it again
+
+
+def test_pinned_checksum_is_a_sha256():
+    assert len(native.SDIST_SHA256) == 64 and int(native.SDIST_SHA256, 16) >= 0
+    assert hashlib.sha256(b"").hexdigest() != native.SDIST_SHA256
