@@ -250,7 +250,7 @@ def probe(model: MoEModel, items: Sequence[ProbeItem], *, token_mode: str = "pro
         for b0 in range(start, len(items), n_seq):
             batch = list(items[b0:b0 + n_seq])
             seqs, spans = [], []
-            for s, it in enumerate(batch):
+            for it in batch:
                 toks, n_prompt = _tokens_for(model, it, chat)
                 if token_mode == "response":
                     toks = toks + model.tokenize(it.response or "", add_bos=False)
