@@ -96,6 +96,7 @@ class ProbeResult:
     item_pairs: list[str | None] = field(default_factory=list)
     item_maps: np.ndarray | None = None  # int32 [n_items, n_layer, n_expert] selections per item
     item_tokens: np.ndarray | None = None  # int32 [n_items, n_layer] tokens routed per item
+    item_wsum: np.ndarray | None = None  # float32 [n_items, n_layer, n_expert] summed routing weights per item
     meta: dict = field(default_factory=dict)
 
     def record(self, label: str) -> RoutingRecord:
@@ -122,6 +123,7 @@ class ProbeResult:
         out.item_pairs = self.item_pairs + other.item_pairs
         out.item_maps = _cat(self.item_maps, other.item_maps)
         out.item_tokens = _cat(self.item_tokens, other.item_tokens)
+        out.item_wsum = _cat(self.item_wsum, other.item_wsum)
         out.meta["n_items"] = len(out.item_labels)
         return out
 
@@ -137,6 +139,7 @@ class ProbeResult:
         if self.item_maps is not None:
             arrays["item_maps"] = self.item_maps
             arrays["item_tokens"] = self.item_tokens
+            arrays["item_wsum"] = self.item_wsum
         meta = {"format": FORMAT, "version": VERSION, "n_layer": self.n_layer, "n_expert": self.n_expert,
                 "token_mode": self.token_mode, "labels": self.labels, "item_labels": self.item_labels,
                 "item_pairs": self.item_pairs, "meta": self.meta}
@@ -164,7 +167,7 @@ class ProbeResult:
                 res.item_labels = list(meta["item_labels"])
                 res.item_pairs = list(meta["item_pairs"])
                 if "item_maps" in z:
-                    res.item_maps, res.item_tokens = z["item_maps"], z["item_tokens"]
+                    res.item_maps, res.item_tokens, res.item_wsum = z["item_maps"], z["item_tokens"], z["item_wsum"]
         except FileNotFoundError as e:
             raise ValueError(f"probe result not found: {path}") from e
         except (KeyError, ValueError, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -243,7 +246,8 @@ def probe(model: MoEModel, items: Sequence[ProbeItem], *, token_mode: str = "pro
         res = ProbeResult(topo.n_layer, topo.n_expert, token_mode,
                           meta={"model": topo.fingerprint(), "input_hash": key, "chat": chat, "n_items": 0},
                           item_maps=np.zeros((0, topo.n_layer, topo.n_expert), np.int32),
-                          item_tokens=np.zeros((0, topo.n_layer), np.int32))
+                          item_tokens=np.zeros((0, topo.n_layer), np.int32),
+                          item_wsum=np.zeros((0, topo.n_layer, topo.n_expert), np.float32))
     start = len(res.item_labels)
     n_seq = max(1, min(n_seq, len(items)))
     with model.context(n_seq_max=n_seq, n_ctx=model.llama.n_ctx(), n_batch=max(512, model.llama.n_batch)) as ctx:
@@ -296,6 +300,7 @@ def probe(model: MoEModel, items: Sequence[ProbeItem], *, token_mode: str = "pro
             res.item_pairs += [it.pair_id for it in batch]
             res.item_maps = np.concatenate([res.item_maps, maps.astype(np.int32)])
             res.item_tokens = np.concatenate([res.item_tokens, ntok.astype(np.int32)])
+            res.item_wsum = np.concatenate([res.item_wsum, wsum.astype(np.float32)])
             res.meta["n_items"] = len(res.item_labels)
             if out is not None:
                 res.save(out)

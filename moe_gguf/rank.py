@@ -1,0 +1,282 @@
+"""Ranking experts for a behaviour: observational scores (as in the papers) and a causal ranking.
+
+Every score here is oriented the same way: **positive = associated with the behaviour to reduce**
+(the "away" label, e.g. refusal), so positive experts are candidates to disable and negative ones
+to force. The methods' native scores are kept beside it where they differ (SteerMoE's RD is
+p_target - p_away).
+
+- risk difference (SteerMoE): p(expert in the token's top-k | label), RD = p_target - p_away.
+- fTRI (MoTE): per-prompt layer x expert activation maps, averaged per label, difference.
+- nPMI (RICE): normalised pointwise mutual information between "expert selected" and the away label.
+- frequency x magnitude (STA-style): selection frequency times mean routing weight, difference.
+- causal: the change in log p(refusal continuation) - log p(compliant continuation) when the
+  expert is disabled, measured directly with per-sequence steering (prefill only, one batch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from moe_gguf.model import MoEModel
+from moe_gguf.probe import ProbeResult
+from moe_gguf.profile import SteeringProfile
+
+METHODS = ("rd", "ftri", "npmi", "freq_mag")
+
+
+@dataclass
+class ExpertScore:
+    layer: int
+    expert: int
+    score: float  # oriented: > 0 associated with the away behaviour
+    ci_low: float
+    ci_high: float
+    p_target: float  # selection frequency on target-label tokens
+    p_away: float
+    action: str  # "disable" (score > 0) or "force"
+
+
+@dataclass
+class Ranking:
+    method: str
+    target: str
+    away: str
+    scores: np.ndarray  # [n_layer, n_expert], oriented
+    ranked: list[ExpertScore]
+    stability: float | None = None  # mean overlap of the top-N across bootstrap resamples
+    top_n: int = 10
+    warnings: list[str] | None = None
+
+    def top(self, n: int | None = None, action: str | None = "disable") -> list[ExpertScore]:
+        rows = [r for r in self.ranked if action is None or r.action == action]
+        return rows[: n or self.top_n]
+
+    def profile(self, topology, n: int | None = None, *, action: str | None = "disable", name: str = "") -> SteeringProfile:
+        """A profile disabling (and/or forcing) the top-n experts, respecting each layer's limits."""
+        prof = SteeringProfile.for_model(topology, name=name or f"{self.method}-top{n or self.top_n}",
+                                         description=f"{self.method}: reduce '{self.away}' towards '{self.target}'")
+        forced: dict[int, int] = {}
+        disabled: dict[int, int] = {}
+        for r in self.top(n, action):
+            if r.action == "force":
+                if forced.get(r.layer, 0) >= topology.n_expert_used:
+                    continue
+                forced[r.layer] = forced.get(r.layer, 0) + 1
+                prof.force(r.layer, r.expert)
+            else:
+                if disabled.get(r.layer, 0) >= topology.n_expert - topology.n_expert_used:
+                    continue
+                disabled[r.layer] = disabled.get(r.layer, 0) + 1
+                prof.disable(r.layer, r.expert)
+        return prof
+
+    def to_rows(self) -> list[dict]:
+        return [asdict(r) for r in self.ranked]
+
+
+def _freq(sel: np.ndarray, tok: np.ndarray) -> np.ndarray:
+    return sel / np.maximum(tok, 1)[..., None]
+
+
+def _score(method: str, maps: np.ndarray, wsum: np.ndarray, toks: np.ndarray, is_away: np.ndarray) -> np.ndarray:
+    """Oriented score from per-item arrays (items x layer x expert)."""
+    a, t = is_away, ~is_away
+    if method == "ftri":
+        f = _freq(maps, toks)  # per-prompt activation map
+        return f[a].mean(0) - f[t].mean(0)
+    sel_a, sel_t = maps[a].sum(0), maps[t].sum(0)
+    tok_a, tok_t = toks[a].sum(0), toks[t].sum(0)
+    if method == "rd":
+        return _freq(sel_a, tok_a) - _freq(sel_t, tok_t)
+    if method == "freq_mag":
+        return _freq(wsum[a].sum(0), tok_a) - _freq(wsum[t].sum(0), tok_t)
+    if method == "npmi":
+        total = np.maximum(tok_a + tok_t, 1)[:, None]
+        p_eb = sel_a / total
+        p_e = (sel_a + sel_t) / total
+        p_b = (tok_a / np.maximum(tok_a + tok_t, 1))[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            pmi = np.log(p_eb / (p_e * p_b))
+            out = pmi / -np.log(p_eb)
+        # never selected together: nPMI is -1 by definition; never selected at all: no association
+        out = np.where(p_eb > 0, out, np.where(p_e > 0, -1.0, 0.0))
+        return np.nan_to_num(out, nan=0.0)
+    raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+
+
+def rank(res: ProbeResult, *, target: str, away: str, method: str = "rd", top_n: int = 10,
+         moe_layers: Sequence[int] | None = None, n_boot: int = 200, seed: int = 0,
+         n_expert_used: int | None = None) -> Ranking:
+    """Rank every expert of the MoE layers by ``method``, with bootstrap CIs and top-N stability."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    for lab in (target, away):
+        if lab not in res.records:
+            raise ValueError(f"label {lab!r} not in the probe (labels: {', '.join(res.labels)})")
+    if res.item_maps is None or res.item_wsum is None:
+        raise ValueError("the probe result has no per-item maps (made by an older moe-gguf?): probe again")
+    labels = np.array(res.item_labels)
+    keep = (labels == target) | (labels == away)
+    maps = res.item_maps[keep].astype(np.float64)
+    wsum = res.item_wsum[keep].astype(np.float64)
+    toks = res.item_tokens[keep].astype(np.float64)
+    is_away = labels[keep] == away
+    layers = list(moe_layers) if moe_layers is not None else [int(l) for l in np.flatnonzero(toks.sum((0,)) > 0)]
+    scores = _score(method, maps, wsum, toks, is_away)
+    mask = np.zeros_like(scores, dtype=bool)
+    mask[layers] = True
+
+    # bootstrap: resample items within each label
+    rng = np.random.default_rng(seed)
+    ia, it = np.flatnonzero(is_away), np.flatnonzero(~is_away)
+    boots = np.empty((n_boot,) + scores.shape)
+    for b in range(n_boot):
+        idx = np.concatenate([rng.choice(ia, len(ia)), rng.choice(it, len(it))])
+        boots[b] = _score(method, maps[idx], wsum[idx], toks[idx], is_away[idx])
+    lo, hi = np.percentile(boots, [2.5, 97.5], axis=0) if n_boot else (scores, scores)
+
+    p_away = _freq(maps[is_away].sum(0), toks[is_away].sum(0))
+    p_target = _freq(maps[~is_away].sum(0), toks[~is_away].sum(0))
+    flat = [(abs(scores[l, e]), l, e) for l in layers for e in range(scores.shape[1])]
+    flat.sort(key=lambda x: (-x[0], x[1], x[2]))
+    ranked = [ExpertScore(l, e, float(scores[l, e]), float(lo[l, e]), float(hi[l, e]), float(p_target[l, e]),
+                          float(p_away[l, e]), "disable" if scores[l, e] > 0 else "force") for _, l, e in flat]
+
+    def top_set(s: np.ndarray) -> set[tuple[int, int]]:
+        s = np.where(mask, s, 0.0)
+        order = np.argsort(-s, axis=None)[:top_n]  # the disable candidates
+        return {tuple(int(v) for v in np.unravel_index(i, s.shape)) for i in order}
+
+    ref = top_set(scores)
+    stability = float(np.mean([len(ref & top_set(bs)) / max(len(ref), 1) for bs in boots])) if n_boot else None
+
+    warnings = []
+    if n_expert_used:
+        forced = [r for r in ranked[:top_n] if r.action == "force"]
+        per_layer: dict[int, int] = {}
+        for r in forced:
+            per_layer[r.layer] = per_layer.get(r.layer, 0) + 1
+        for layer, n in sorted(per_layer.items()):
+            if n > n_expert_used:
+                warnings.append(f"layer {layer}: {n} experts in the top {top_n} would be forced, but only "
+                                f"{n_expert_used} are used per token; a profile keeps the first {n_expert_used}")
+    return Ranking(method, target, away, scores, ranked, stability, top_n, warnings)
+
+
+# -- causal ranking --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CausalPrompt:
+    """A prompt showing the behaviour, with the behaviour's continuation and the wanted one."""
+
+    prompt: list[int]
+    away: list[int]  # e.g. the refusal
+    target: list[int]  # e.g. the compliant answer
+
+
+@dataclass
+class CausalResult:
+    base: float  # mean [log p(away) - log p(target)] per prompt, unsteered
+    effects: dict[tuple[int, int], float]  # single expert disabled: change of that score (< 0: less away)
+    greedy: list[tuple[int, int]]  # the set grown greedily
+    greedy_effects: list[float]  # the set's effect after each addition
+
+    def ranked(self) -> list[tuple[tuple[int, int], float]]:
+        return sorted(self.effects.items(), key=lambda kv: kv[1])
+
+
+def _continuation_logp(logits: np.ndarray, n_prompt: int, cont: Sequence[int]) -> float:
+    """Sum of log p(cont) given the logits of prompt+cont decoded with outputs for all tokens."""
+    z = logits[n_prompt - 1:n_prompt - 1 + len(cont)].astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(logp[np.arange(len(cont)), list(cont)].sum())
+
+
+def preference_scores(model: MoEModel, prompts: Sequence[CausalPrompt], profiles: Sequence[SteeringProfile | None],
+                      *, n_seq: int = 16) -> list[float]:
+    """For each profile: mean over prompts of log p(away) - log p(target), all in shared batches.
+
+    Each sequence carries its own profile (per-sequence steering): one batch holds many
+    (profile, prompt, continuation) triples and is decoded once, prefill only.
+    """
+    jobs = [(pi, qi, kind) for pi in range(len(profiles)) for qi in range(len(prompts)) for kind in (0, 1)]
+    out = np.zeros((len(profiles), len(prompts), 2))
+    with model.context(n_seq_max=n_seq, n_batch=2048, n_ctx=max(model.llama.n_ctx(), 2048)) as ctx:
+        for b0 in range(0, len(jobs), n_seq):
+            batch = jobs[b0:b0 + n_seq]
+            ctx.clear_memory()
+            items = []
+            for s, (pi, qi, kind) in enumerate(batch):
+                q = prompts[qi]
+                ctx.set_profile(profiles[pi], seq_id=s)
+                items.append((s, q.prompt + (q.away if kind == 0 else q.target), 0))
+            logits = ctx.decode(items, logits="all")
+            for s, (pi, qi, kind) in enumerate(batch):
+                q = prompts[qi]
+                out[pi, qi, kind] = _continuation_logp(logits[s], len(q.prompt), q.away if kind == 0 else q.target)
+            for s in range(len(batch)):
+                ctx.set_profile(None, seq_id=s)
+    return list((out[:, :, 0] - out[:, :, 1]).mean(axis=1))
+
+
+def causal_rank(model: MoEModel, prompts: Sequence[CausalPrompt], candidates: Sequence[tuple[int, int]], *,
+                max_set: int = 10, n_seq: int = 16, min_gain: float = 0.0,
+                progress: Callable[[str], None] | None = None) -> CausalResult:
+    """Effect of disabling each candidate alone, then a set grown greedily while its effect grows."""
+    topo = model.topology
+
+    def prof(experts: Sequence[tuple[int, int]]) -> SteeringProfile:
+        p = SteeringProfile.for_model(topo, name="causal")
+        for layer, e in experts:
+            p.disable(layer, e)
+        return p
+
+    scores = preference_scores(model, prompts, [None] + [prof([c]) for c in candidates], n_seq=n_seq)
+    base = scores[0]
+    effects = {c: s - base for c, s in zip(candidates, scores[1:], strict=True)}
+    if progress:
+        progress(f"single-expert effects of {len(candidates)} candidates measured")
+    order = [c for c, _ in sorted(effects.items(), key=lambda kv: kv[1])]
+    chosen: list[tuple[int, int]] = []
+    chosen_fx: list[float] = []
+    current = 0.0
+    per_layer: dict[int, int] = {}
+    for c in order:
+        if len(chosen) >= max_set:
+            break
+        if effects[c] >= 0:
+            break
+        if per_layer.get(c[0], 0) >= topo.n_expert - topo.n_expert_used:
+            continue
+        fx = preference_scores(model, prompts, [prof(chosen + [c])], n_seq=n_seq)[0] - base
+        if fx < current - min_gain:
+            chosen.append(c)
+            chosen_fx.append(fx)
+            per_layer[c[0]] = per_layer.get(c[0], 0) + 1
+            current = fx
+            if progress:
+                progress(f"set of {len(chosen)}: effect {fx:+.3f}")
+    return CausalResult(base, effects, chosen, chosen_fx)
+
+
+def agreement(ranking: Ranking, causal: CausalResult, top_n: int = 10) -> dict:
+    """How an observational ranking and the causal one agree on the candidates both scored."""
+    cands = list(causal.effects)
+    obs = np.array([ranking.scores[layer, e] for layer, e in cands])
+    cau = np.array([-causal.effects[c] for c in cands])  # > 0: disabling reduces the away behaviour
+    rho = _spearman(obs, cau) if len(cands) > 2 else math.nan
+    top_obs = {(r.layer, r.expert) for r in ranking.top(top_n)}
+    top_cau = {c for c, _ in causal.ranked()[:top_n]}
+    return {"spearman": rho, "top_overlap": len(top_obs & top_cau), "top_n": top_n, "n_candidates": len(cands)}
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    if ra.std() == 0 or rb.std() == 0:
+        return math.nan
+    return float(np.corrcoef(ra, rb)[0, 1])
