@@ -125,7 +125,7 @@ def rank(res: ProbeResult, *, target: str, away: str, method: str = "rd", top_n:
     wsum = res.item_wsum[keep].astype(np.float64)
     toks = res.item_tokens[keep].astype(np.float64)
     is_away = labels[keep] == away
-    layers = list(moe_layers) if moe_layers is not None else [int(l) for l in np.flatnonzero(toks.sum((0,)) > 0)]
+    layers = list(moe_layers) if moe_layers is not None else [int(i) for i in np.flatnonzero(toks.sum(0) > 0)]
     scores = _score(method, maps, wsum, toks, is_away)
     mask = np.zeros_like(scores, dtype=bool)
     mask[layers] = True
@@ -141,10 +141,10 @@ def rank(res: ProbeResult, *, target: str, away: str, method: str = "rd", top_n:
 
     p_away = _freq(maps[is_away].sum(0), toks[is_away].sum(0))
     p_target = _freq(maps[~is_away].sum(0), toks[~is_away].sum(0))
-    flat = [(abs(scores[l, e]), l, e) for l in layers for e in range(scores.shape[1])]
+    flat = [(abs(scores[li, e]), li, e) for li in layers for e in range(scores.shape[1])]
     flat.sort(key=lambda x: (-x[0], x[1], x[2]))
-    ranked = [ExpertScore(l, e, float(scores[l, e]), float(lo[l, e]), float(hi[l, e]), float(p_target[l, e]),
-                          float(p_away[l, e]), "disable" if scores[l, e] > 0 else "force") for _, l, e in flat]
+    ranked = [ExpertScore(li, e, float(scores[li, e]), float(lo[li, e]), float(hi[li, e]), float(p_target[li, e]),
+                          float(p_away[li, e]), "disable" if scores[li, e] > 0 else "force") for _, li, e in flat]
 
     def top_set(s: np.ndarray) -> set[tuple[int, int]]:
         s = np.where(mask, s, 0.0)
