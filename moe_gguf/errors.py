@@ -20,3 +20,14 @@ class ProfileError(ValueError):
 
 class ModelMismatchError(ProfileError):
     """The profile was made for a different model (its `model` fingerprint differs)."""
+
+
+class FileWriteError(OSError, ValueError):
+    """A file could not be written (disk full, no permission, ...); the previous file is left unchanged.
+
+    Both an OSError (with the errno of the failure) and, like the other moe-gguf errors, a ValueError.
+    """
+
+
+class CountFileError(ValueError):
+    """A routing record or probe count file is missing, damaged, or not a moe-gguf file (the message names it)."""
