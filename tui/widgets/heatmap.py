@@ -1,0 +1,132 @@
+"""Layer × expert heatmap of routing: how often each expert was selected for the tokens of the current reply."""
+
+from __future__ import annotations
+
+import numpy as np
+from rich.style import Style
+from rich.text import Text
+from textual import events
+from textual.message import Message
+from textual.widget import Widget
+
+MARKS = {"disable": "✕", "force": "▲", "bias": "±", "scale": "*"}
+_LABEL_W = 5  # "L12 "
+
+
+def _heat(f: float) -> str:
+    """0..1 -> colour from dark blue through orange to yellow."""
+    f = min(max(f, 0.0), 1.0)
+    stops = [(0.0, (24, 26, 38)), (0.25, (46, 82, 160)), (0.5, (160, 70, 150)), (0.75, (235, 120, 40)), (1.0, (250, 230, 90))]
+    for (a, ca), (b, cb) in zip(stops, stops[1:], strict=False):
+        if f <= b:
+            t = (f - a) / (b - a)
+            r, g, bl = (round(x + (y - x) * t) for x, y in zip(ca, cb, strict=True))
+            return f"rgb({r},{g},{bl})"
+    return "rgb(250,230,90)"
+
+
+def _diff(d: float) -> str:
+    """-1..1 -> blue (less than unsteered) .. neutral .. red (more)."""
+    d = min(max(d, -1.0), 1.0)
+    base = (30, 30, 40)
+    target = (230, 70, 60) if d > 0 else (60, 120, 235)
+    r, g, b = (round(x + (y - x) * abs(d)) for x, y in zip(base, target, strict=True))
+    return f"rgb({r},{g},{b})"
+
+
+class ExpertHeatmap(Widget):
+    """Rows are MoE layers, columns experts; colour = fraction of tokens that selected the expert.
+
+    Steered experts are marked (✕ disabled, ▲ forced, ± bias, * scale). Click a cell to pick that expert.
+    """
+
+    DEFAULT_CSS = "ExpertHeatmap { height: auto; }"
+
+    class Picked(Message):
+        def __init__(self, layer: int, expert: int) -> None:
+            super().__init__()
+            self.layer, self.expert = layer, expert
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.moe_layers: tuple[int, ...] = ()
+        self.n_expert = 0
+        self.freq: np.ndarray | None = None
+        self.base: np.ndarray | None = None  # unsteered frequencies (compare mode): show the difference
+        self.routed: np.ndarray | None = None
+        self.marks: dict[tuple[int, int], str] = {}
+        self.title = "no reply yet"
+
+    def set_shape(self, layers: tuple[int, ...], n_expert: int) -> None:
+        self.moe_layers, self.n_expert = tuple(layers), n_expert
+        self.freq = self.base = self.routed = None
+        self.refresh(layout=True)
+
+    def set_data(self, selections: np.ndarray, routed: np.ndarray, *, baseline: tuple[np.ndarray, np.ndarray] | None = None,
+                 marks: dict[tuple[int, int], str] | None = None, title: str = "") -> None:
+        self.routed = routed
+        self.freq = selections / np.maximum(routed, 1)[:, None]
+        self.base = None if baseline is None else baseline[0] / np.maximum(baseline[1], 1)[:, None]
+        if marks is not None:
+            self.marks = marks
+        self.title = title
+        self.refresh(layout=True)
+
+    def set_marks(self, marks: dict[tuple[int, int], str]) -> None:
+        self.marks = marks
+        self.refresh()
+
+    def clear(self, title: str = "no reply yet") -> None:
+        self.freq = self.base = self.routed = None
+        self.title = title
+        self.refresh(layout=True)
+
+    @property
+    def cell_width(self) -> int:
+        if not self.n_expert:
+            return 1
+        return int(min(4, max(1, (self.size.width - _LABEL_W - 8) // self.n_expert)))
+
+    def get_content_height(self, container, viewport, width: int) -> int:
+        return len(self.moe_layers) + 4
+
+    def render(self) -> Text:
+        out = Text(no_wrap=True, overflow="crop")
+        if not self.moe_layers:
+            return Text("load a model to see its experts", style="dim")
+        w = self.cell_width
+        out.append(f"{self.title}\n", style="bold")
+        head = " " * _LABEL_W
+        for e in range(self.n_expert):
+            if w >= 2:
+                head += f"{e:>{w}}"[-w:]
+            else:
+                head += str(e // 10 % 10) if e % 10 == 0 else " "
+        out.append(head + "\n", style="dim")
+        for il in self.moe_layers:
+            out.append(f"L{il:<3} ", style="dim")
+            for e in range(self.n_expert):
+                mark = self.marks.get((il, e))
+                if self.freq is None:
+                    bg = _heat(0.0)
+                elif self.base is not None:
+                    bg = _diff(float(self.freq[il, e] - self.base[il, e]))
+                else:
+                    bg = _heat(float(self.freq[il, e]))
+                cell = (MARKS[mark] if mark else "").center(w)[:w] if w > 1 else (MARKS[mark] if mark else " ")
+                out.append(cell, style=Style(bgcolor=bg, color="white", bold=True))
+            if self.routed is not None:
+                out.append(f" {int(self.routed[il])} tok", style="dim")
+            out.append("\n")
+        if self.base is not None:
+            out.append("red: chosen more than unsteered, blue: less", style="dim")
+        else:
+            out.append("dark: never chosen … yellow: every token", style="dim")
+        out.append("\n✕ disabled ▲ forced ± bias * scale", style="dim")
+        return out
+
+    def on_click(self, event: events.Click) -> None:
+        row = event.y - 2
+        col = event.x - _LABEL_W
+        if 0 <= row < len(self.moe_layers) and 0 <= col < self.n_expert * self.cell_width:
+            self.post_message(self.Picked(self.moe_layers[row], col // self.cell_width))

@@ -1,0 +1,188 @@
+"""A chat message: role header with clickable actions, markdown body (streamed, then rendered in full)."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.widgets import Markdown, Static
+
+_CONTROL = {c: 0x2400 + c for c in range(32) if chr(c) not in "\n\t"} | {0x7F: 0x2421}
+
+
+def visible(text: str) -> str:
+    """`text` with control characters (a model can emit any byte) shown as their Unicode symbols (␈, ␛, ...),
+    so they never reach the terminal (or an SVG screenshot) as control codes."""
+    return text.translate(_CONTROL)
+
+
+def code_blocks(markdown: str) -> list[str]:
+    """The fenced / indented code blocks of a markdown text, in order."""
+    from markdown_it import MarkdownIt
+
+    return [t.content for t in MarkdownIt("commonmark").parse(markdown) if t.type in ("fence", "code_block")]
+
+
+class _Header(Static):
+    """Role, details and [copy] [code] [edit] / [regen] links; clicks run the message's actions."""
+
+    async def action_msg(self, name: str) -> None:
+        view = next((a for a in self.ancestors if isinstance(a, MessageView)), None)
+        if view is not None:
+            await view.run_action(name)
+
+
+class MessageView(Vertical, can_focus=True):
+    """One user or assistant message. Focus it (click, tab) for c / b / e / r."""
+
+    BINDINGS = [
+        Binding("c", "copy", "Copy"),
+        Binding("b", "copy_code", "Copy code"),
+        Binding("e", "edit", "Edit & resend"),
+        Binding("r", "regenerate", "Regenerate"),
+    ]
+
+    class Action(Message):
+        """Edit or regenerate asked for on this message (handled by the chat screen)."""
+
+        def __init__(self, view: MessageView, action: str) -> None:
+            super().__init__()
+            self.view = view
+            self.action = action
+
+    def __init__(self, role: str, content: str = "", *, mid: int | None = None, title: str | None = None,
+                 info: str = "", streaming: bool = False, **kw) -> None:
+        super().__init__(**kw)
+        self.role = role
+        self.content = content
+        self.mid = mid
+        self.title = title or ("You" if role == "user" else "Assistant")
+        self.info = info
+        self.streaming = streaming
+        self._stream = None
+        self._code_index = 0
+        self.add_class(f"-{role}")
+
+    def compose(self) -> ComposeResult:
+        yield _Header(self._header_markup(), classes="message-header")
+        yield Markdown(visible(self.content), classes="message-body")
+
+    def _header_markup(self) -> str:
+        links = "[@click=msg('copy')]copy[/] [@click=msg('copy_code')]code[/]"
+        links += " [@click=msg('edit')]edit[/]" if self.role == "user" else " [@click=msg('regenerate')]regen[/]"
+        info = f" [dim]{self.info}[/]" if self.info else ""
+        working = " [dim]…[/]" if self.streaming else ""
+        return f"[b]{self.title}[/b]{info}{working}  [dim]{links}[/]"
+
+    def set_info(self, info: str) -> None:
+        self.info = info
+        self.query_one(_Header).update(self._header_markup())
+
+    @property
+    def markdown(self) -> Markdown:
+        return self.query_one(".message-body", Markdown)
+
+    async def stream_to(self, text: str) -> None:
+        """Show `text` (the whole reply so far): appends the new part, re-renders if earlier text changed."""
+        if text == self.content:
+            return
+        if self._stream is None:
+            self._stream = Markdown.get_stream(self.markdown)
+        if text.startswith(self.content):
+            delta, self.content = text[len(self.content):], text
+            await self._stream.write(visible(delta))
+        else:  # a multi-byte character completed: redo from the start
+            await self._stream.stop()
+            self.content = text
+            await self.markdown.update(visible(text))
+            self._stream = Markdown.get_stream(self.markdown)
+
+    async def finish(self, text: str, info: str | None = None) -> None:
+        """Stop streaming and render the final text in full."""
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
+        self.content = text
+        self.streaming = False
+        await self.markdown.update(visible(text))
+        if info is not None:
+            self.info = info
+        self.query_one(_Header).update(self._header_markup())
+
+    # -- actions --
+
+    def action_copy(self) -> None:
+        self.app.copy_to_clipboard(self.content)
+        self.notify(f"Copied the {'message' if self.role == 'user' else 'reply'} ({len(self.content)} characters)")
+
+    def action_copy_code(self) -> None:
+        blocks = code_blocks(self.content)
+        if not blocks:
+            self.notify("No code block in this message", severity="warning")
+            return
+        i = self._code_index % len(blocks)
+        self._code_index = i + 1
+        self.app.copy_to_clipboard(blocks[i])
+        self.notify(f"Copied code block {i + 1} of {len(blocks)}")
+
+    def action_edit(self) -> None:
+        self.post_message(self.Action(self, "edit"))
+
+    def action_regenerate(self) -> None:
+        self.post_message(self.Action(self, "regenerate"))
+
+
+class CompareView(Vertical, can_focus=True):
+    """A compare-mode reply: steered and unsteered answers side by side (same prompt, same batch)."""
+
+    BINDINGS = MessageView.BINDINGS
+
+    def __init__(self, steered: str = "", unsteered: str = "", *, mid: int | None = None, info: str = "",
+                 streaming: bool = False, **kw) -> None:
+        super().__init__(**kw)
+        self.mid = mid
+        self.role = "assistant"
+        self._texts = (steered, unsteered)
+        self._info = info
+        self._streaming = streaming
+
+    def compose(self) -> ComposeResult:
+        with Horizontal(classes="compare-row"):
+            yield MessageView("assistant", self._texts[0], title="Steered", info=self._info, streaming=self._streaming,
+                              id="steered", classes="compare-side")
+            yield MessageView("assistant", self._texts[1], title="Unsteered", streaming=self._streaming,
+                              id="unsteered", classes="compare-side")
+
+    @property
+    def content(self) -> str:
+        return self.sides[0].content
+
+    @property
+    def sides(self) -> tuple[MessageView, MessageView]:
+        return self.query_one("#steered", MessageView), self.query_one("#unsteered", MessageView)
+
+    async def stream_to(self, steered: str, unsteered: str) -> None:
+        a, b = self.sides
+        await a.stream_to(steered)
+        await b.stream_to(unsteered)
+
+    async def finish(self, steered: str, unsteered: str, info: str | None = None) -> None:
+        a, b = self.sides
+        await a.finish(steered, info)
+        await b.finish(unsteered)
+
+    def set_info(self, info: str) -> None:
+        self.sides[0].set_info(info)
+
+    def action_copy(self) -> None:
+        self.sides[0].action_copy()
+
+    def action_copy_code(self) -> None:
+        self.sides[0].action_copy_code()
+
+    def action_edit(self) -> None:
+        pass
+
+    def action_regenerate(self) -> None:
+        self.post_message(MessageView.Action(self, "regenerate"))  # type: ignore[arg-type]
