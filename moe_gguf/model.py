@@ -54,6 +54,7 @@ class MoEModel:
         if not self.topology.is_moe:
             raise NotMoEError(f"{self.path}: {self.topology.arch} model without routed experts; moe-gguf needs a MoE model")
         low = _low()
+        import jinja2
         from llama_cpp import Llama
 
         kv = dict(llama_kwargs.pop("kv_overrides", None) or {})
@@ -77,6 +78,8 @@ class MoEModel:
                                    verbose=verbose, **llama_kwargs)
         except ValueError as e:
             raise ModelFileError(f"{self.path}: llama.cpp could not load the model ({e})") from e
+        except jinja2.TemplateError as e:  # llama-cpp-python compiles the GGUF's chat templates on load
+            raise ModelFileError(f"{self.path}: the model's chat template is broken ({type(e).__name__}: {e})") from e
         self._low = low
         self._chat = _Steering(self, self.llama.ctx)
 
@@ -117,9 +120,12 @@ class MoEModel:
         vocab = self.llama._model
         eos = self.detokenize([vocab.token_eos()]) if vocab.token_eos() >= 0 else ""
         bos = self.detokenize([vocab.token_bos()]) if vocab.token_bos() >= 0 else ""
-        fmt = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos,
-                                  add_generation_prompt=add_generation_prompt)
-        return fmt(messages=messages).prompt
+        try:  # the template comes from the file: sandboxed, but it may still fail in any way
+            fmt = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos,
+                                      add_generation_prompt=add_generation_prompt)
+            return fmt(messages=messages).prompt
+        except Exception as e:  # jinja2.TemplateError (SecurityError for sandbox escapes), raise_exception's ValueError...
+            raise ModelFileError(f"{self.path}: the model's chat template failed ({type(e).__name__}: {e})") from e
 
     def close(self) -> None:
         self.llama.close()
@@ -139,6 +145,8 @@ class _Steering:
         self.ctx = ctx
         self._ids: dict[tuple[int, float], int] = {}
         self._profiles: dict[int, SteeringProfile] = {}
+        self._default = 0  # profile of every sequence not listed in _seq
+        self._seq: dict[int, int] = {}
 
     def upload(self, profile: SteeringProfile, strength: float, allow_mismatch: bool) -> int:
         key = (id(profile), float(strength))
@@ -167,6 +175,16 @@ class _Steering:
         lib = _lib.lib()
         pid = 0 if profile is None else self.upload(profile, strength, allow_mismatch)
         _lib.check(lib.llama_moe_steer_seq(self.ctx, seq_id, pid), f"sequence {seq_id}")
+        if seq_id == -1:
+            self._default, self._seq = pid, {}
+        else:
+            self._seq[seq_id] = pid
+        # drop uploaded profiles no sequence uses any more, so they do not pile up in the context
+        used = {self._default, *self._seq.values()}
+        for old in [p for p in self._profiles if p not in used]:
+            lib.llama_moe_steer_clear(self.ctx, old)
+            del self._profiles[old]
+            self._ids = {k: v for k, v in self._ids.items() if v != old}
 
     def clear(self) -> None:
         lib = _lib.lib()
@@ -174,6 +192,7 @@ class _Steering:
         _lib.check(lib.llama_moe_steer_clear(self.ctx, -1), "clear")
         self._ids.clear()
         self._profiles.clear()
+        self._default, self._seq = 0, {}
 
 
 @dataclass

@@ -218,3 +218,15 @@ def test_scale_zero_ablates_in_place(models, arch):
     _, rec, _ = run(m, SteeringProfile.for_model(topo).scale(layer, e, 0.0))
     np.testing.assert_array_equal(rec.record.selections[layer], base.record.selections[layer])
     assert rec.record.weight_sum[layer, e] == 0.0
+
+
+def test_profiles_no_sequence_uses_are_dropped(models):
+    m = models("qwen3moe", "f32")
+    topo = m.topology
+    with m.context(n_seq_max=2) as ctx:
+        for i in range(20):
+            ctx.set_profile(SteeringProfile.for_model(topo).bias(topo.moe_layers[0], i % topo.n_expert, 1.0), seq_id=0)
+        ctx.set_profile(SteeringProfile.for_model(topo).disable(topo.moe_layers[0], 1), seq_id=1)
+        assert len(ctx._steering._profiles) == 2
+        ctx.set_profile(None)
+        assert ctx._steering._profiles == {}
