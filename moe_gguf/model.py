@@ -143,17 +143,19 @@ class _Steering:
     def __init__(self, model: MoEModel, ctx) -> None:
         self.model = model
         self.ctx = ctx
-        self._ids: dict[tuple[int, float], int] = {}
+        self._ids: dict[tuple, int] = {}  # (id(profile), strength, entries) -> profile id
         self._profiles: dict[int, SteeringProfile] = {}
         self._default = 0  # profile of every sequence not listed in _seq
         self._seq: dict[int, int] = {}
 
     def upload(self, profile: SteeringProfile, strength: float, allow_mismatch: bool) -> int:
-        key = (id(profile), float(strength))
+        topo = self.model.topology
+        # validated on every call: an allow_mismatch override holds for that call only
+        profile.validate(topo, allow_mismatch=allow_mismatch)
+        # keyed by the entries too, so a profile edited after an upload is uploaded again
+        key = (id(profile), float(strength), tuple(profile.entries))
         if key in self._ids and self._profiles.get(self._ids[key]) is profile:
             return self._ids[key]
-        topo = self.model.topology
-        profile.validate(topo, allow_mismatch=allow_mismatch)
         lib = _lib.lib()
         pid = max(self._profiles, default=0) + 1
         f32p, i32p = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int32)
@@ -312,10 +314,14 @@ class SteerContext:
 
         items: (seq_id, tokens, first position). logits: "last" (per sequence, [n_vocab]),
         "all" (per sequence, [n_tokens, n_vocab]; also makes every layer's routing captured for
-        every token) or "none".
+        every token), "route" (outputs for every token so that every layer routes every token, but
+        no logits copied: for routing capture) or "none".
         """
+        if logits not in ("last", "all", "route", "none"):
+            raise ValueError(f"logits must be 'last', 'all', 'route' or 'none', got {logits!r}")
         low, b = self._low, self._batch
-        flat = [(s, t, p0 + i, logits == "all" or (logits == "last" and i == len(toks) - 1))
+        every = logits in ("all", "route")
+        flat = [(s, t, p0 + i, every or (logits == "last" and i == len(toks) - 1))
                 for s, toks, p0 in items for i, t in enumerate(toks)]
         for s, _, _ in items:
             if not 0 <= s < self.n_seq_max:
@@ -334,7 +340,7 @@ class SteerContext:
             if rc != 0:
                 raise DecodeError(f"llama_decode returned {rc} (context of {self.n_ctx} tokens full, or out of memory)")
             for i, (s, _, _, want) in enumerate(chunk):
-                if want:
+                if want and logits != "route":
                     ptr = low.llama_get_logits_ith(self.ctx, i)
                     out.setdefault(s, []).append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
         if logits == "last":
