@@ -161,6 +161,8 @@ def generate(model_path, prompt, profiles, strength, chat, max_tokens, temp, top
         profile = _combine([SteeringProfile.load(p) for p in profiles]) if profiles else None
         if profile is not None:
             profile.validate(model.topology, allow_mismatch=allow_model_mismatch)
+            if allow_model_mismatch:  # accepted, and it fits: the steering below validates it against this model
+                profile.model = model.topology.fingerprint()
     except ProfileError as e:
         _fail(str(e))
     sched = None
@@ -287,9 +289,9 @@ def merge(inputs, out) -> None:
         total = ProbeResult.load(inputs[0])
         for p in inputs[1:]:
             total = total + ProbeResult.load(p)
-    except ValueError as e:
+        total.save(out)
+    except ValueError as e:  # FileWriteError (a full disk) is one too
         _fail(str(e))
-    total.save(out)
     click.echo(f"merged {len(inputs)} files, {len(total.item_labels)} items: {out}")
 
 
@@ -438,8 +440,8 @@ def eval_cmd(model_path, profile_path, input_path, away, benign, patterns, check
     benign_items = [it for it in items if benign and it.label == benign]
     if not away_items:
         _fail(f"no items with label {away!r} in {input_path}")
-    ppl_text = model.tokenize(" ".join(f"{it.prompt} {it.payload or ''}" for it in benign_items)) if benign_items else None
-    rep = evaluate(model, profile, away_items, cfg, benign_items=benign_items, ppl_text=ppl_text, n_random=n_random,
+    ppl_docs = [model.tokenize(f"{it.prompt} {it.payload or ''}") for it in benign_items]
+    rep = evaluate(model, profile, away_items, cfg, benign_items=benign_items, ppl_docs=ppl_docs, n_random=n_random,
                    max_tokens=max_tokens)
     click.echo(rep.table())
     if json_out:

@@ -178,24 +178,27 @@ class Evaluator:
         return self.model.tokenize(item.prompt)
 
     def generate(self, jobs: Sequence[tuple[EvalItem, SteeringProfile | None]]) -> list[str]:
+        toks = [self.prompt_tokens(it) for it, _ in jobs]
+        batches = [range(b0, min(b0 + self.n_seq, len(jobs))) for b0 in range(0, len(jobs), self.n_seq)]
+        # the sequences of a batch share one cache: size it for the fullest batch
+        need = max((sum(len(toks[i]) + self.max_tokens for i in b) for b in batches), default=0)
         out: list[str] = []
-        with self.model.context(n_seq_max=self.n_seq, n_ctx=max(self.model.llama.n_ctx(), 1024)) as ctx:
-            for b0 in range(0, len(jobs), self.n_seq):
-                batch = jobs[b0:b0 + self.n_seq]
-                reqs = [Request(self.prompt_tokens(it), prof, self.max_tokens) for it, prof in batch]
+        with self.model.context(n_seq_max=self.n_seq, n_ctx=_ctx_size(need)) as ctx:
+            for b in batches:
+                reqs = [Request(toks[i], jobs[i][1], self.max_tokens) for i in b]
                 out += [c.text.strip() for c in ctx.generate_many(reqs)]
         return out
 
     def reply_perplexity(self, items: Sequence[EvalItem], replies: Sequence[str]) -> list[float]:
         """Perplexity of each reply under the unsteered model, given its prompt."""
         out: list[float] = []
-        with self.model.context(n_seq_max=self.n_seq, n_ctx=max(self.model.llama.n_ctx(), 1024)) as ctx:
+        pairs = [(self.prompt_tokens(it), self.model.tokenize(rep, add_bos=False, special=False)
+                  or [self.model.llama.token_eos()]) for it, rep in zip(items, replies, strict=True)]
+        need = max((sum(len(p) + len(r) for p, r in pairs[b0:b0 + self.n_seq])
+                    for b0 in range(0, len(pairs), self.n_seq)), default=0)
+        with self.model.context(n_seq_max=self.n_seq, n_ctx=_ctx_size(need)) as ctx:
             for b0 in range(0, len(items), self.n_seq):
-                seqs = []
-                for it, rep in zip(items[b0:b0 + self.n_seq], replies[b0:b0 + self.n_seq], strict=True):
-                    p = self.prompt_tokens(it)
-                    r = self.model.tokenize(rep, add_bos=False, special=False) or [self.model.llama.token_eos()]
-                    seqs.append((p, r))
+                seqs = pairs[b0:b0 + self.n_seq]
                 ctx.clear_memory()
                 logits = ctx.decode([(s, p + r, 0) for s, (p, r) in enumerate(seqs)], logits="all")
                 for s, (p, r) in enumerate(seqs):
@@ -228,11 +231,16 @@ class Evaluator:
         return out, ppl_limit
 
 
+def _ctx_size(n_tokens: int) -> int:
+    """A context size holding n_tokens, rounded up (llama.cpp pads the cache to multiples of 256)."""
+    return max(512, -(-(n_tokens + 16) // 256) * 256)
+
+
 def evaluate(model: MoEModel, profile: SteeringProfile, away_items: Sequence[EvalItem], cfg: JudgeConfig, *,
-             benign_items: Sequence[EvalItem] = (), ppl_text: Sequence[int] | None = None, n_random: int = 5,
+             benign_items: Sequence[EvalItem] = (), ppl_docs: Sequence[Sequence[int]] = (), n_random: int = 5,
              max_tokens: int = 32, n_seq: int = 16, seed: int = 0, chat: bool = True) -> EvalReport:
     """Baseline vs profile vs random controls on ``away_items``; forced activation on ``benign_items``;
-    perplexity of ``ppl_text`` (tokens) with and without the profile."""
+    perplexity of ``ppl_docs`` (token lists, each read from position 0) with and without the profile."""
     ev = Evaluator(model, cfg, max_tokens=max_tokens, n_seq=n_seq, chat=chat)
     topo = model.topology
     conds: dict[str, tuple[Sequence[EvalItem], SteeringProfile | None]] = {
@@ -249,13 +257,13 @@ def evaluate(model: MoEModel, profile: SteeringProfile, away_items: Sequence[Eva
     random_rates = {k: (float(np.mean([r[k] for r in rnd])) if rnd else math.nan,
                         float(np.std([r[k] for r in rnd])) if rnd else math.nan) for k in CLASSES}
     pb = ps = None
-    if ppl_text:
-        from moe_gguf.perplexity import perplexity
+    if ppl_docs:
+        from moe_gguf.perplexity import perplexity_of_documents
 
         with model.context(n_ctx=min(model.llama.n_ctx(), 1024)) as ctx:
-            pb = perplexity(ctx, ppl_text).perplexity
+            pb = perplexity_of_documents(ctx, ppl_docs).perplexity
             ctx.set_profile(profile)
-            ps = perplexity(ctx, ppl_text).perplexity
+            ps = perplexity_of_documents(ctx, ppl_docs).perplexity
     return EvalReport(results, random_rates, pb, ps, limit,
                       meta={"n_random": n_random, "max_tokens": max_tokens, "profile": profile.name,
                             "experts": [[e.layer, e.expert, e.action] for e in profile.entries]})

@@ -365,9 +365,10 @@ class SteerContext:
         for r in requests:
             if not r.tokens:
                 raise ValueError("empty prompt: give at least one token")
-            if len(r.tokens) + r.max_tokens > self.n_ctx:
-                raise ValueError(f"prompt of {len(r.tokens)} tokens + {r.max_tokens} new tokens exceeds the context "
-                                 f"of {self.n_ctx} tokens; use a larger n_ctx or fewer max_tokens")
+        total = sum(len(r.tokens) + r.max_tokens for r in requests)
+        if total > self.n_ctx:  # the sequences share one cache (kv_unified)
+            raise ValueError(f"{len(requests)} request(s) of {total} prompt + new tokens in all exceed the context of "
+                             f"{self.n_ctx} tokens; use a larger n_ctx, fewer max_tokens or fewer sequences at once")
         rng = np.random.default_rng(seed)
         self.clear_memory()
         outs = [Completion() for _ in requests]

@@ -46,6 +46,16 @@ def perplexity(ctx: SteerContext, tokens: Sequence[int], *, chunk: int | None = 
     return Perplexity(math.exp(nll / n), nll / n, n, secs)
 
 
+def perplexity_of_documents(ctx: SteerContext, docs: Sequence[Sequence[int]]) -> Perplexity:
+    """Perplexity over several documents, each decoded from position 0 (no document sees another)."""
+    parts = [perplexity(ctx, d) for d in docs if len(d) >= 2]
+    if not parts:
+        raise ValueError("perplexity needs at least one document of 2 or more tokens")
+    n = sum(p.n_scored for p in parts)
+    nll = sum(p.nll * p.n_scored for p in parts) / n
+    return Perplexity(math.exp(nll), nll, n, sum(p.seconds for p in parts))
+
+
 @dataclass
 class SweepRow:
     n_expert_used: int

@@ -199,6 +199,12 @@ def _continuation_logp(logits: np.ndarray, n_prompt: int, cont: Sequence[int]) -
 
 def preference_scores(model: MoEModel, prompts: Sequence[CausalPrompt], profiles: Sequence[SteeringProfile | None],
                       *, n_seq: int = 16) -> list[float]:
+    """For each profile: mean over prompts of log p(away) - log p(target) (see preference_parts)."""
+    return [a - t for a, t in preference_parts(model, prompts, profiles, n_seq=n_seq)]
+
+
+def preference_parts(model: MoEModel, prompts: Sequence[CausalPrompt], profiles: Sequence[SteeringProfile | None],
+                     *, n_seq: int = 16) -> list[tuple[float, float]]:
     """For each profile: mean over prompts of log p(away) - log p(target), all in shared batches.
 
     Each sequence carries its own profile (per-sequence steering): one batch holds many
@@ -206,7 +212,9 @@ def preference_scores(model: MoEModel, prompts: Sequence[CausalPrompt], profiles
     """
     jobs = [(pi, qi, kind) for pi in range(len(profiles)) for qi in range(len(prompts)) for kind in (0, 1)]
     out = np.zeros((len(profiles), len(prompts), 2))
-    with model.context(n_seq_max=n_seq, n_batch=2048, n_ctx=max(model.llama.n_ctx(), 2048)) as ctx:
+    longest = max((len(q.prompt) + max(len(q.away), len(q.target)) for q in prompts), default=0)
+    n_ctx = max(512, -(-(n_seq * longest + 16) // 256) * 256)  # the batch's sequences share one cache
+    with model.context(n_seq_max=n_seq, n_batch=2048, n_ctx=n_ctx) as ctx:
         for b0 in range(0, len(jobs), n_seq):
             batch = jobs[b0:b0 + n_seq]
             ctx.clear_memory()
@@ -221,13 +229,14 @@ def preference_scores(model: MoEModel, prompts: Sequence[CausalPrompt], profiles
                 out[pi, qi, kind] = _continuation_logp(logits[s], len(q.prompt), q.away if kind == 0 else q.target)
             for s in range(len(batch)):
                 ctx.set_profile(None, seq_id=s)
-    return list((out[:, :, 0] - out[:, :, 1]).mean(axis=1))
+    return [(float(a), float(t)) for a, t in out.mean(axis=1)]
 
 
 def causal_rank(model: MoEModel, prompts: Sequence[CausalPrompt], candidates: Sequence[tuple[int, int]], *,
                 max_set: int = 10, n_seq: int = 16, min_gain: float = 0.0,
                 progress: Callable[[str], None] | None = None) -> CausalResult:
-    """Effect of disabling each candidate alone, then a set grown greedily while its effect grows."""
+    """Effect of disabling each candidate alone, then a set grown greedily while its effect grows
+    and log p(target) rises."""
     topo = model.topology
 
     def prof(experts: Sequence[tuple[int, int]]) -> SteeringProfile:
@@ -236,15 +245,16 @@ def causal_rank(model: MoEModel, prompts: Sequence[CausalPrompt], candidates: Se
             p.disable(layer, e)
         return p
 
-    scores = preference_scores(model, prompts, [None] + [prof([c]) for c in candidates], n_seq=n_seq)
-    base = scores[0]
+    parts = preference_parts(model, prompts, [None] + [prof([c]) for c in candidates], n_seq=n_seq)
+    scores = [a - t for a, t in parts]
+    base, base_target = scores[0], parts[0][1]
     effects = {c: s - base for c, s in zip(candidates, scores[1:], strict=True)}
     if progress:
         progress(f"single-expert effects of {len(candidates)} candidates measured")
     order = [c for c, _ in sorted(effects.items(), key=lambda kv: kv[1])]
     chosen: list[tuple[int, int]] = []
     chosen_fx: list[float] = []
-    current = 0.0
+    current, target_logp = 0.0, base_target
     per_layer: dict[int, int] = {}
     for c in order:
         if len(chosen) >= max_set:
@@ -253,12 +263,15 @@ def causal_rank(model: MoEModel, prompts: Sequence[CausalPrompt], candidates: Se
             break
         if per_layer.get(c[0], 0) >= topo.n_expert - topo.n_expert_used:
             continue
-        fx = preference_scores(model, prompts, [prof(chosen + [c])], n_seq=n_seq)[0] - base
-        if fx < current - min_gain:
+        away, target = preference_parts(model, prompts, [prof(chosen + [c])], n_seq=n_seq)[0]
+        fx = away - target - base
+        # grow only while the wanted continuation gets likelier too: a set that merely breaks the
+        # model lowers log p(away) and log p(target) together
+        if fx < current - min_gain and target > target_logp:
             chosen.append(c)
             chosen_fx.append(fx)
             per_layer[c[0]] = per_layer.get(c[0], 0) + 1
-            current = fx
+            current, target_logp = fx, target
             if progress:
                 progress(f"set of {len(chosen)}: effect {fx:+.3f}")
     return CausalResult(base, effects, chosen, chosen_fx)

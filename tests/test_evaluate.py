@@ -61,7 +61,7 @@ def test_evaluate_runs_every_condition_in_shared_batches(synth_model):
         for layer in topo.moe_layers:
             p.disable(layer, 0)
         items = [EvalItem(f"question {i}", "refuse", payload="zzz") for i in range(4)]
-        rep = evaluate(m, p, items, CFG, benign_items=items[:2], ppl_text=m.tokenize("some ordinary text " * 20),
+        rep = evaluate(m, p, items, CFG, benign_items=items[:2], ppl_docs=[m.tokenize("some ordinary text " * 5)] * 3,
                        n_random=2, max_tokens=8)
     assert set(rep.conditions) == {"baseline", "steered", "random-0", "random-1", "benign_baseline", "benign_forced"}
     for c in rep.conditions.values():
