@@ -18,19 +18,20 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from moe_gguf.errors import CountFileError
 from moe_gguf.model import MoEModel
-from moe_gguf.recorder import RoutingRecord
+from moe_gguf.recorder import RoutingRecord, atomic_write, check_counts
 
 FORMAT = "moe-gguf-probe"
 VERSION = 1
 TOKEN_MODES = ("prompt", "response", "generated")
+MAX_LABEL = 1000  # characters; a label names zip entries in the count file (at most 65,535 bytes, no NUL)
 
 
 class ProbeInputError(ValueError):
@@ -61,6 +62,8 @@ def load_jsonl(path: str | os.PathLike) -> list[ProbeItem]:
             d = json.loads(line)
         except json.JSONDecodeError as e:
             raise ProbeInputError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from e
+        except (ValueError, RecursionError) as e:  # an integer of > 4300 digits; nesting deeper than Python's stack
+            raise ProbeInputError(f"{path}:{n}: not valid JSON ({e})") from e
         items.append(parse_item(d, where=f"{path}:{n}"))
     if not items:
         raise ProbeInputError(f"{path}: no probe items (one JSON object per line)")
@@ -78,10 +81,24 @@ def parse_item(d: object, *, where: str) -> ProbeItem:
             raise ProbeInputError(f"{where}: '{key}' must be a non-empty string")
     if d.get("response") is not None and not isinstance(d["response"], str):
         raise ProbeInputError(f"{where}: 'response' must be a string")
+    if "\0" in d["label"] or len(d["label"]) > MAX_LABEL:
+        raise ProbeInputError(f"{where}: 'label' must be at most {MAX_LABEL} characters without NUL characters "
+                              "(labels name the arrays in the count file)")
+    for key in ("prompt", "label", "response"):
+        try:
+            (d.get(key) or "").encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate from a \ud800-style escape cannot be tokenized or saved
+            raise ProbeInputError(f"{where}: '{key}' holds an unpaired surrogate (\\ud800-\\udfff) at character "
+                                  f"{e.start}, which is not valid Unicode") from e
     if d.get("chat") is not None and not isinstance(d["chat"], bool):
         raise ProbeInputError(f"{where}: 'chat' must be true or false")
     pair = d.get("pair_id")
-    return ProbeItem(d["prompt"], d["label"], d.get("response"), None if pair is None else str(pair), d.get("chat"))
+    try:
+        pair = None if pair is None else str(pair)
+        (pair or "").encode("utf-8")
+    except (UnicodeEncodeError, RecursionError) as e:
+        raise ProbeInputError(f"{where}: 'pair_id' is not valid Unicode text or is nested too deeply ({e})") from e
+    return ProbeItem(d["prompt"], d["label"], d.get("response"), pair, d.get("chat"))
 
 
 @dataclass
@@ -132,6 +149,10 @@ class ProbeResult:
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         arrays: dict[str, np.ndarray] = {}
+        for lab in self.records:  # refused before anything is written: such a file could not be read back
+            if not isinstance(lab, str) or "\0" in lab or len(lab.encode("utf-8", "surrogatepass")) > 4 * MAX_LABEL:
+                raise ProbeInputError(f"{path}: label {lab!r:.80} cannot be saved: labels are strings of at most "
+                                      f"{MAX_LABEL} characters without NUL characters")
         for lab, rec in self.records.items():
             arrays[f"selections/{lab}"] = rec.selections
             arrays[f"weight_sum/{lab}"] = rec.weight_sum
@@ -155,27 +176,59 @@ class ProbeResult:
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(bytes(z["meta.json"]).decode())
-                if meta.get("format") != FORMAT:
-                    raise ValueError(f"format {meta.get('format')!r}")
-                if meta.get("version", 0) > VERSION:
-                    raise ValueError(f"version {meta['version']} is newer than this moe-gguf ({VERSION}): upgrade")
+                _check_meta(meta)
                 res = cls(meta["n_layer"], meta["n_expert"], meta["token_mode"], meta=meta.get("meta", {}))
                 for lab in meta["labels"]:
-                    res.records[lab] = RoutingRecord(res.n_layer, res.n_expert, z[f"selections/{lab}"].astype(np.int64),
-                                                     z[f"weight_sum/{lab}"].astype(np.float64),
-                                                     z[f"tokens/{lab}"].astype(np.int64))
+                    sel, ws, tok = z[f"selections/{lab}"], z[f"weight_sum/{lab}"], z[f"tokens/{lab}"]
+                    if sel.shape != (res.n_layer, res.n_expert) or ws.shape != sel.shape or tok.shape != (res.n_layer,):
+                        raise ValueError(f"label {lab!r}: arrays of shape {sel.shape}, {ws.shape}, {tok.shape}")
+                    res.records[lab] = RoutingRecord(res.n_layer, res.n_expert, *check_counts(f"{path}: label {lab!r}", sel, ws, tok))
                 res.item_labels = list(meta["item_labels"])
                 res.item_pairs = list(meta["item_pairs"])
                 if "item_maps" in z:
                     res.item_maps, res.item_tokens, res.item_wsum = z["item_maps"], z["item_tokens"], z["item_wsum"]
         except FileNotFoundError as e:
-            raise ValueError(f"probe result not found: {path}") from e
-        except (KeyError, ValueError, OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a readable moe-gguf probe result ({e})") from e
+            raise CountFileError(f"probe result not found: {path}") from e
+        except CountFileError:
+            raise
+        except Exception as e:  # a damaged or foreign file fails in zipfile, numpy's npy parser, json... in many ways
+            raise CountFileError(f"{path}: not a readable moe-gguf probe result ({type(e).__name__}: {e})") from e
         n = len(res.item_labels)
-        if res.item_maps is not None and res.item_maps.shape != (n, res.n_layer, res.n_expert):
-            raise ValueError(f"{path}: per-item maps of shape {res.item_maps.shape} for {n} items")
+        if res.item_maps is not None:
+            shapes = (res.item_maps.shape, res.item_tokens.shape, res.item_wsum.shape)
+            if shapes != ((n, res.n_layer, res.n_expert), (n, res.n_layer), (n, res.n_layer, res.n_expert)):
+                raise CountFileError(f"{path}: per-item arrays of shapes {shapes} for {n} items")
+            maps, wsum, tokens = check_counts(f"{path}: per-item arrays", res.item_maps, res.item_wsum, res.item_tokens)
+            res.item_maps, res.item_wsum, res.item_tokens = maps.astype(np.int32), wsum.astype(np.float32), tokens.astype(np.int32)
         return res
+
+
+def _check_meta(meta: object) -> None:
+    """ValueError unless `meta` (a probe file's meta.json) has the fields and types ProbeResult needs."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"meta.json is {type(meta).__name__}, not an object")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"format {meta.get('format')!r}")
+    version = meta.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(f"version {version!r}")
+    if version > VERSION:
+        raise ValueError(f"version {version} is newer than this moe-gguf ({VERSION}): upgrade")
+    for k in ("n_layer", "n_expert"):
+        if not isinstance(meta.get(k), int) or isinstance(meta[k], bool) or meta[k] < 0:
+            raise ValueError(f"{k} {meta.get(k)!r} is not a count")
+    if meta.get("token_mode") not in TOKEN_MODES:
+        raise ValueError(f"token_mode {meta.get('token_mode')!r}")
+    labels, items, pairs = meta.get("labels"), meta.get("item_labels"), meta.get("item_pairs")
+    for k, v in (("labels", labels), ("item_labels", items)):
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise ValueError(f"{k} is not a list of strings")
+    if not isinstance(pairs, list) or len(pairs) != len(items) or not all(x is None or isinstance(x, str) for x in pairs):
+        raise ValueError("item_pairs is not a list of strings or nulls, one per item")
+    if not set(items) <= set(labels):
+        raise ValueError(f"items of unknown labels {sorted(set(items) - set(labels))[:5]}")
+    if not isinstance(meta.get("meta", {}), dict):
+        raise ValueError("meta is not an object")
 
 
 def _cat(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
@@ -187,18 +240,7 @@ def _cat(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(data))
 
 
 def dataset_hash(items: Sequence[ProbeItem], **options) -> str:
@@ -289,7 +331,7 @@ def probe(model: MoEModel, items: Sequence[ProbeItem], *, token_mode: str = "pro
 
             ctx.set_recorder(_Callback(on_route))
             ctx.clear_memory()
-            ctx.decode([(s, toks, 0) for s, toks in enumerate(seqs)], logits="all")
+            ctx.decode([(s, toks, 0) for s, toks in enumerate(seqs)], logits="route")
             ctx.set_recorder(None)
             for s, it in enumerate(batch):
                 rec = res.record(it.label)

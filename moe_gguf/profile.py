@@ -131,6 +131,7 @@ class SteeringProfile:
             raise ProfileError(f"{self._label()}: 'meta' cannot be written as JSON ({e}); keep it to JSON types") from e
         for key, value in inline.items():
             text = text.replace(json.dumps(key), value, 1)
+        _check_text(text, self._label())
         return text + "\n"
 
     @classmethod
@@ -192,6 +193,9 @@ class SteeringProfile:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ProfileError(f"{source or 'profile'}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+        except (ValueError, RecursionError) as e:  # an integer of > 4300 digits; nesting deeper than Python's stack
+            raise ProfileError(f"{source or 'profile'}: invalid JSON ({e})") from e
+        _check_text(data, source or "profile")
         return cls.from_dict(data, source=source)
 
     @classmethod
@@ -256,6 +260,8 @@ class SteeringProfile:
             raise ProfileError(f"{source}: 'name' and 'description' must be strings")
         if not isinstance(self.meta, dict):
             raise ProfileError(f"{source}: 'meta' must be an object, found {_json_type(self.meta)}")
+        if _depth(self.meta) > _MAX_META_DEPTH:
+            raise ProfileError(f"{source}: 'meta' is nested more than {_MAX_META_DEPTH} levels deep")
         _check_schedule(self.schedule, source)
         _check_model(self.model, source)
         if not isinstance(self.entries, list):
@@ -433,7 +439,10 @@ def _checked_entry(i: int, e: Any, source: str) -> SteeringEntry:
             raise ProfileError(f"{where}: action {e.action!r} needs a 'value' ({example})")
         if not _is_number(value):
             raise ProfileError(f"{where}: 'value' must be a number, found {_show(value)}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond the float range
+            value = math.inf
         if not math.isfinite(value):
             raise ProfileError(f"{where}: 'value' must be finite, found {value}")
         if e.action == "scale" and value < 0:
@@ -486,6 +495,39 @@ def _check_model(model: Any, source: str) -> None:
         raise ProfileError(f"{source}: model 'moe_layers' must be a list of layer indices, found {_show(layers)}")
 
 
+_MAX_META_DEPTH = 64
+
+
+def _depth(v: Any) -> int:
+    """How deeply lists and dicts nest in v (iterative: the value may come from an untrusted file)."""
+    deepest, stack = 0, [(v, 1)]
+    while stack:
+        x, d = stack.pop()
+        if isinstance(x, (dict, list)):
+            deepest = max(deepest, d)
+            if d <= _MAX_META_DEPTH:
+                stack.extend((y, d + 1) for y in (x.values() if isinstance(x, dict) else x))
+    return deepest
+
+
+def _check_text(v: Any, source: str) -> None:
+    """ProfileError if v holds a string that is not valid Unicode (a lone surrogate from a \\ud800-style escape)."""
+    stack = [v]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ProfileError(f"{source}: text {json.dumps(x[max(0, e.start - 20):e.end + 20])} holds an unpaired "
+                                   "surrogate (\\ud800-\\udfff), which is not valid Unicode; fix or remove it") from e
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+
+
 def _no_unknown(d: dict, known: tuple[str, ...], where: str, what: str, hint: str = "") -> None:
     unknown = [k for k in d if k not in known]
     if unknown:
@@ -514,6 +556,8 @@ def _show(v: Any) -> str:
         return json.dumps(v, ensure_ascii=False)
     except (TypeError, ValueError):
         return repr(v)
+    except RecursionError:  # nested deeper than the stack allows
+        return f"(a deeply nested {_json_type(v)})"
 
 
 def _json_type(v: Any) -> str:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moe_gguf.errors import CountFileError, FileWriteError
+
 FORMAT = "moe-gguf-routing"
 VERSION = 1
 
@@ -77,13 +79,22 @@ class RoutingRecord:
             raise ValueError(f"cannot merge routing records of different models: {a} vs {b}")
 
     def save(self, path: str | Path) -> Path:
-        """Write ``path`` (.npz) and ``path.json`` atomically."""
+        """Write ``path`` (.npz) and ``path.json`` atomically.
+
+        The metadata is also stored inside the .npz (``record_meta``), which load() prefers: the pair of files
+        cannot be renamed into place as one, so a process killed between the two renames leaves a sidecar
+        that may be one save behind, but the .npz is always whole and self-consistent.
+        """
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_suffix(".npz")
         meta = {"format": FORMAT, "version": VERSION, "n_layer": self.n_layer, "n_expert": self.n_expert, **self.meta}
-        _atomic_write(path, lambda f: np.savez(f, selections=self.selections, weight_sum=self.weight_sum, tokens=self.tokens))
-        _atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        blob = json.dumps(meta, indent=2).encode()
+        atomic_write_all([
+            (path, lambda f: np.savez(f, selections=self.selections, weight_sum=self.weight_sum, tokens=self.tokens,
+                                      record_meta=np.frombuffer(blob, dtype=np.uint8))),
+            (path.with_suffix(".json"), lambda f: f.write(blob)),
+        ])
         return path
 
     @classmethod
@@ -94,35 +105,83 @@ class RoutingRecord:
         try:
             with np.load(path, allow_pickle=False) as z:
                 sel, ws, tok = z["selections"], z["weight_sum"], z["tokens"]
+                # not "meta.json": that names a probe result (moe_gguf.prune.load_counts tells them apart by it)
+                inner = z["record_meta"].tobytes() if "record_meta" in z.files else None
         except FileNotFoundError as e:
-            raise ValueError(f"routing record not found: {path}") from e
-        except (KeyError, ValueError, OSError) as e:
-            raise ValueError(f"{path}: not a moe-gguf routing record ({e})") from e
+            raise CountFileError(f"routing record not found: {path}") from e
+        except Exception as e:  # a damaged or foreign file fails in zipfile, numpy's npy parser, ... in many ways
+            raise CountFileError(f"{path}: not a moe-gguf routing record ({type(e).__name__}: {e})") from e
         meta: dict = {}
         side = path.with_suffix(".json")
-        if side.exists():
-            meta = json.loads(side.read_text())
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{side}: not a moe-gguf routing record (format {meta.get('format')!r})")
+        if inner is not None or side.exists():  # the copy inside the .npz (newer files) wins over the sidecar
+            where = f"{path} (record_meta)" if inner is not None else str(side)
+            try:
+                meta = json.loads(inner.decode("utf-8") if inner is not None else side.read_text(encoding="utf-8"))
+            except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                raise CountFileError(f"{where}: unreadable routing record metadata ({e})") from e
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+                fmt = meta.get("format") if isinstance(meta, dict) else None
+                raise CountFileError(f"{where}: not a moe-gguf routing record (format {fmt!r})")
         if sel.ndim != 2 or ws.shape != sel.shape or tok.shape != (sel.shape[0],):
-            raise ValueError(f"{path}: inconsistent array shapes {sel.shape}, {ws.shape}, {tok.shape}")
+            raise CountFileError(f"{path}: inconsistent array shapes {sel.shape}, {ws.shape}, {tok.shape}")
+        for k in ("n_layer", "n_expert"):
+            if k in meta and meta[k] != sel.shape[k == "n_expert"]:
+                raise CountFileError(f"{path}: arrays of shape {sel.shape} but its metadata says {k} = {meta[k]!r}")
+        sel, ws, tok = check_counts(path, sel, ws, tok)
         for k in ("format", "version", "n_layer", "n_expert"):
             meta.pop(k, None)
-        return cls(sel.shape[0], sel.shape[1], sel.astype(np.int64), ws.astype(np.float64), tok.astype(np.int64), meta)
+        return cls(sel.shape[0], sel.shape[1], sel, ws, tok, meta)
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def check_counts(where: Path | str, sel: np.ndarray, ws: np.ndarray, tok: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Counts read from a file, as int64 / float64 / int64; CountFileError naming `where` if they cannot be counts."""
+    for name, a, kinds in (("selections", sel, "iu"), ("weight_sum", ws, "iuf"), ("tokens", tok, "iu")):
+        if a.dtype.kind not in kinds:
+            raise CountFileError(f"{where}: '{name}' holds {a.dtype} values, not counts")
+        if a.size and a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise CountFileError(f"{where}: '{name}' holds non-finite values")
+        if a.size and a.min() < 0:
+            raise CountFileError(f"{where}: '{name}' holds negative values")
+        if a.dtype.kind == "u" and a.size and a.max() > np.iinfo(np.int64).max:
+            raise CountFileError(f"{where}: '{name}' holds values beyond the int64 range")
+    return sel.astype(np.int64), ws.astype(np.float64), tok.astype(np.int64)
+
+
+def atomic_write(path: Path, write: Callable) -> None:
+    """Write `path` through `write(file)` so readers see the old file or the new one, never a partial one.
+
+    On failure (a full disk, ...) no temp file is left and the old file is unchanged; an OSError becomes a
+    FileWriteError naming the file.
+    """
+    atomic_write_all([(path, write)])
+
+
+def atomic_write_all(files: list[tuple[Path, Callable]]) -> None:
+    """atomic_write for several files: all are written to temp files first, then renamed into place, so a
+    failed write (a full disk) leaves every old file as it was."""
+    tmps: list[str] = []
+    path = files[0][0]
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for path, write in files:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            tmps.append(tmp)
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            # mkstemp makes the file private (0600); keep an existing file's mode, else the usual 0644
+            os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
+        for (path, _), tmp in zip(files, tmps, strict=True):
+            os.replace(tmp, path)
+    except BaseException as e:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, FileWriteError):
+            msg = f"{path}: cannot save ({e.strerror or e}); the previous file, if any, was left unchanged"
+            raise (FileWriteError(e.errno, msg) if e.errno is not None else FileWriteError(msg)) from e
         raise
 
 

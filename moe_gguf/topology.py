@@ -117,7 +117,11 @@ class ModelTopology:
 
         def get(key: str, default: Any = None) -> Any:
             f = fields.get(key)
-            return default if f is None else f.contents()
+            try:
+                return default if f is None else f.contents()
+            except Exception as e:  # a damaged value: UnicodeDecodeError for a string that is not UTF-8, ...
+                raise ModelFileError(f"{path}: GGUF key {key!r} cannot be read ({type(e).__name__}: {e}); the file is "
+                                     "corrupted. Re-download or re-convert the model.") from e
 
         def get_int(key: str, default: int | None = None) -> int:
             v = get(key, default)
@@ -157,6 +161,9 @@ class ModelTopology:
         if isinstance(used, bool) or not isinstance(used, int):
             raise ModelFileError(f"{path}: GGUF key '{arch}.expert_used_count' should be an integer, found {used!r}.")
 
+        _check_llama_limits(path, arch, get, get_int)
+        _check_vocab(path, fields.get("tokenizer.ggml.tokens"))
+
         gating_code = get_int(f"{arch}.expert_gating_func", 0)
         n_vocab = get(f"{arch}.vocab_size")
         if n_vocab is None and "tokenizer.ggml.tokens" in fields:
@@ -183,6 +190,91 @@ class ModelTopology:
             n_group_used=get_int(f"{arch}.expert_group_used_count", 0),
             name=name if isinstance(name, str) and name else _stem(path),
         )
+
+
+# llama.cpp's src/llama-hparams.h
+LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS = 512, 1024
+# arches whose graph asserts head size == rotary dimension == key head size (src/models/*.cpp), or sizes the
+# attention tensors by the rotary dimension (gpt-oss); llama.cpp's GGML_ASSERT aborts the whole process, so a
+# corrupted file is refused here first
+_ROT_IS_HEAD = frozenset((
+    "arctic", "cohere2moe", "dbrx", "deepseek", "dots1", "ernie4_5-moe", "exaone-moe", "gpt-oss", "granite", "granitemoe",
+    "granite_swa", "grok", "grovemoe", "hunyuan-moe", "hy_v3", "llada-moe", "llama", "llama4", "minimax-01",
+    "minimax-m2", "mistral3", "olmoe", "qwen2moe", "qwen3moe", "qwen3vlmoe", "rnd1", "smallthinker",
+))
+
+
+def _check_llama_limits(path: Path, arch: str, get: Any, get_int: Any) -> None:
+    """ModelFileError for the hyper-parameters llama.cpp's loader and graphs assert on (an abort, not an error).
+
+    Mirrors the GGML_ASSERTs of llama_model::load_hparams and of the MoE arches' graphs, so a corrupted or
+    hand-edited file gets a clear error instead of killing the process.
+    """
+
+    def bad(what: str) -> ModelFileError:
+        return ModelFileError(f"{path}: {what}; the file is corrupted or was not written by a llama.cpp converter. "
+                              "Re-download or re-convert the model.")
+
+    def ints(key: str) -> list[int]:  # a number or a per-layer array, as llama.cpp's get_key_or_arr reads them
+        v = get(key, 0)
+        vals = v if isinstance(v, list) else [v]
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in vals):
+            raise bad(f"GGUF key {key!r} should be an integer or a list of integers, found {v!r}")
+        return vals or [0]
+
+    n_layer = get_int(f"{arch}.block_count")
+    if not 0 < n_layer <= LLAMA_MAX_LAYERS:
+        raise bad(f"{arch}.block_count is {n_layer}; llama.cpp supports 1-{LLAMA_MAX_LAYERS} layers")
+    n_nextn = get_int(f"{arch}.nextn_predict_layers", 0)
+    if not 0 <= n_nextn <= n_layer:
+        raise bad(f"{arch}.nextn_predict_layers is {n_nextn}, with {n_layer} layers")
+    n_expert = get_int(f"{arch}.expert_count", 0)
+    used = max(ints(f"{arch}.expert_used_count"))
+    groups, group_used = get_int(f"{arch}.expert_group_count", 0), get_int(f"{arch}.expert_group_used_count", 0)
+    if not 0 <= n_expert <= LLAMA_MAX_EXPERTS:
+        raise bad(f"{arch}.expert_count is {n_expert}; llama.cpp supports at most {LLAMA_MAX_EXPERTS} experts")
+    if not 0 <= used <= n_expert or (n_expert > 0) != (used > 0):
+        raise bad(f"{arch}.expert_used_count is {used} with {n_expert} experts")
+    if n_expert > 0 and not 0 <= groups < n_expert or n_expert == 0 and groups != 0:
+        raise bad(f"{arch}.expert_group_count is {groups} with {n_expert} experts")
+    if groups > 1 and (n_expert % groups or not 0 < group_used < groups):
+        raise bad(f"{n_expert} experts in {groups} groups, {group_used} used per token")
+    scaling = get(f"{arch}.rope.scaling.type", "linear")
+    if scaling not in ("none", "linear", "yarn", "longrope"):
+        raise bad(f"unknown {arch}.rope.scaling.type {scaling!r}")
+    for key in (f"{arch}.attention.layer_norm_rms_epsilon", f"{arch}.attention.layer_norm_epsilon"):
+        eps = get(key, 0.0)
+        if not isinstance(eps, (int, float)) or not eps >= 0 or eps == float("inf"):
+            raise bad(f"{key} is {eps!r}, it must be a finite number >= 0")
+    if get(f"{arch}.attention.key_length_mla") is not None and get(f"{arch}.attention.kv_lora_rank") is not None:
+        # MLA (deepseek2 and kin): the cache holds the compressed KV plus the rotary part, sized by these keys
+        rank, n_rot = get_int(f"{arch}.attention.kv_lora_rank"), get_int(f"{arch}.rope.dimension_count", 0)
+        head_k, head_v = get_int(f"{arch}.attention.key_length", 0), get_int(f"{arch}.attention.value_length", 0)
+        if head_k != rank + n_rot or head_v != rank:
+            raise bad(f"MLA attention needs key length == kv_lora_rank + rope dimension count and value length == "
+                      f"kv_lora_rank, found {head_k}, {head_v}, kv_lora_rank {rank}, rope dimension count {n_rot}")
+    if arch in _ROT_IS_HEAD:
+        n_embd, n_head = get_int(f"{arch}.embedding_length", 0), ints(f"{arch}.attention.head_count")[0]
+        if n_head > 0:
+            head_k = get_int(f"{arch}.attention.key_length", n_embd // n_head)
+            head_v = get_int(f"{arch}.attention.value_length", n_embd // n_head)
+            n_rot = get_int(f"{arch}.rope.dimension_count", head_k)
+            if not head_k == head_v == n_rot:
+                raise bad(f"{arch} needs key length == value length == rope dimension count, found {head_k}, "
+                          f"{head_v} and {n_rot}")
+
+
+def _check_vocab(path: Path, field: Any) -> None:
+    """ModelFileError for a vocabulary with a repeated token, which llama.cpp asserts on (an abort)."""
+    if field is None:
+        return
+    seen: dict[bytes, int] = {}
+    for i, idx in enumerate(field.data):
+        tok = field.parts[idx].tobytes().split(b"\0", 1)[0]  # llama.cpp reads the token as a C string
+        if tok in seen:
+            raise ModelFileError(f"{path}: tokens {seen[tok]} and {i} of the vocabulary are the same ({tok[:40]!r}); "
+                                 "the file is corrupted. Re-download or re-convert the model.")
+        seen[tok] = i
 
 
 def format_layers(layers: tuple[int, ...] | list[int]) -> str:
