@@ -181,7 +181,12 @@ def build_vocab(n_vocab: int) -> tuple[list[str], list[int], list[str]]:
 
 
 def _add_tokenizer(w: gguf.GGUFWriter, n_vocab: int) -> None:
-    tokens, types, merges = build_vocab(n_vocab)
+    add_tokenizer(w, *build_vocab(n_vocab))
+
+
+def add_tokenizer(w: gguf.GGUFWriter, tokens: list[str], types: list[int], merges: list[str]) -> None:
+    """Byte-level BPE tokenizer metadata + ChatML template; the special tokens are the last ids."""
+    n_vocab = len(tokens)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
     w.add_token_list(tokens)

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import gguf
 
-from moe_gguf.synth import CHAT_TEMPLATE, SPECIAL_TOKENS, _byte_chars
+from moe_gguf.synth import SPECIAL_TOKENS, _byte_chars, add_tokenizer  # noqa: F401  (re-exported for train_moe)
 
 # ASCII form of llama.cpp's qwen2 pre-tokenizer regex (the dataset is ASCII):
 # (?:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+
@@ -91,20 +91,6 @@ def learn_bpe(texts: Iterable[str], n_vocab: int) -> tuple[list[str], list[int],
     return tokens, types, merges
 
 
-def add_tokenizer(w: gguf.GGUFWriter, tokens: list[str], types: list[int], merges: list[str]) -> None:
-    """Tokenizer metadata as moe_gguf.synth._add_tokenizer writes it, with a learned vocab."""
-    n_vocab = len(tokens)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    eot, _, im_end = (n_vocab - len(SPECIAL_TOKENS) + i for i in range(len(SPECIAL_TOKENS)))
-    w.add_bos_token_id(eot)
-    w.add_eos_token_id(im_end)  # end of a chat turn, so chat completions stop there
-    w.add_pad_token_id(eot)
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
 
 
 def chat_text(prompt: str, response: str | None = None) -> str:
