@@ -253,6 +253,10 @@ def _check_llama_limits(path: Path, arch: str, get: Any, get_int: Any) -> None:
         if head_k != rank + n_rot or head_v != rank:
             raise bad(f"MLA attention needs key length == kv_lora_rank + rope dimension count and value length == "
                       f"kv_lora_rank, found {head_k}, {head_v}, kv_lora_rank {rank}, rope dimension count {n_rot}")
+        kv_heads = set(ints(f"{arch}.attention.head_count_kv")) if get(f"{arch}.attention.head_count_kv") is not None \
+            else set(ints(f"{arch}.attention.head_count"))
+        if kv_heads != {1}:  # the compressed KV is one head shared by all query heads
+            raise bad(f"MLA attention needs {arch}.attention.head_count_kv == 1, found {sorted(kv_heads)}")
     if arch in _ROT_IS_HEAD:
         n_embd, n_head = get_int(f"{arch}.embedding_length", 0), ints(f"{arch}.attention.head_count")[0]
         if n_head > 0:
