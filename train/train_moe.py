@@ -85,6 +85,7 @@ class Config:
     bf16: bool = True  # expert matmuls in bf16 while training (AVX512-BF16 CPUs: ~5x faster); weights stay f32
     eval_every: int = 250
     log_every: int = 10
+    ckpt_every: int = 250
 
     def spec(self) -> SynthSpec:
         return SynthSpec("qwen3moe", n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head,
@@ -94,7 +95,8 @@ class Config:
 
 
 TINY = dict(n_layer=2, n_embd=64, n_head=2, n_head_kv=1, head_dim=32, n_expert=16, n_expert_used=2, n_ff_exp=32,
-            n_vocab=400, n_train=200, n_probe=20, n_eval=20, steps=3, batch=8, warmup=1, eval_every=0, log_every=1)
+            n_vocab=400, n_train=200, n_probe=20, n_eval=20, steps=3, batch=8, warmup=1, eval_every=0, log_every=1,
+            ckpt_every=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny config for a smoke test")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--no-eval", action="store_true", help="skip the greedy behaviour evaluation and the card")
+    ap.add_argument("--resume", action="store_true", help="continue from WORK/checkpoint.pt (same config)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override Config fields")
     args = ap.parse_args(argv)
 
@@ -378,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(c.threads)
+    torch.use_deterministic_algorithms(True)
     torch.manual_seed(c.seed)
     t_start = time.time()
 
@@ -422,7 +426,19 @@ def main(argv: list[str] | None = None) -> int:
     evals: list[dict] = []
     t_train = time.time()
     acc = {"loss": 0.0, "resp": 0.0, "aux": 0.0, "n": 0}
-    for step in range(c.steps):
+    first_step = 0
+    ckpt_path = work / "checkpoint.pt"
+    if args.resume and ckpt_path.is_file():
+        ck = torch.load(ckpt_path, weights_only=False)
+        if ck["config"] != dataclasses.asdict(c):
+            raise SystemExit(f"{ckpt_path} was written with another config; remove it or drop --resume")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        rng.bit_generator.state = ck["rng"]
+        order, pos, log, evals, acc, first_step = ck["order"], ck["pos"], ck["log"], ck["evals"], ck["acc"], ck["step"]
+        t_train -= ck["train_time"]
+        print(f"resumed from {ckpt_path} at step {first_step}", flush=True)
+    for step in range(first_step, c.steps):
         if pos + c.batch > len(order):
             order, pos = rng.permutation(len(train_ex)), 0
         idx = order[pos:pos + c.batch]
@@ -453,7 +469,15 @@ def main(argv: list[str] | None = None) -> int:
             r["step"] = step + 1
             evals.append(r)
             print(f"  eval (teacher-forced): refuse {r['refuse']:.3f} comply-exact {r['comply']:.3f}", flush=True)
+        if c.ckpt_every and (step + 1) % c.ckpt_every == 0 and step + 1 < c.steps:
+            # a killed run continues with --resume, exactly where it stopped (same batches, optimizer state)
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save({"config": dataclasses.asdict(c), "model": model.state_dict(), "opt": opt.state_dict(),
+                        "rng": rng.bit_generator.state, "order": order, "pos": pos, "log": log, "evals": evals,
+                        "acc": acc, "step": step + 1, "train_time": time.time() - t_train}, tmp)
+            os.replace(tmp, ckpt_path)
     train_time = time.time() - t_train
+    ckpt_path.unlink(missing_ok=True)
     print(f"trained {c.steps} steps in {train_time:.0f}s", flush=True)
     torch.save({"config": dataclasses.asdict(c), "state": model.state_dict()}, work / "model.pt")
 

@@ -200,7 +200,9 @@ def _markdown(card: dict) -> str:
         "norms in f32). Loss: next-token cross-entropy on the assistant tokens (weight 1) "
         f"and the prompt tokens (weight {t['prompt_weight']}) + {t['aux_coef']} x the Switch/Mixtral load-balancing loss. "
         "The routing is never supervised: no loss term or initialisation ties a behaviour to an expert. Training text is "
-        "tokenized by llama.cpp itself (vocab-only load of the GGUF tokenizer).",
+        "tokenized by llama.cpp itself (vocab-only load of the GGUF tokenizer). Deterministic torch kernels "
+        "(`torch.use_deterministic_algorithms`) and a fixed thread count make a rerun on the same CPU and software "
+        "bit-identical; other CPUs, thread counts or torch builds can differ in the last bits and so drift apart.",
         "",
         f"Training time {card['train_time_s']:.0f} s on a 2-core machine shared with other jobs (whole pipeline "
         f"{card['total_time_s']:.0f} s, including export and evaluation). Final loss "
