@@ -150,9 +150,9 @@ class ProbeResult:
         path = Path(path)
         arrays: dict[str, np.ndarray] = {}
         for lab in self.records:  # refused before anything is written: such a file could not be read back
-            if not isinstance(lab, str) or "\0" in lab or len(lab.encode("utf-8", "surrogatepass")) > 4 * MAX_LABEL:
-                raise ProbeInputError(f"{path}: label {lab!r:.80} cannot be saved: labels are strings of at most "
-                                      f"{MAX_LABEL} characters without NUL characters")
+            if not isinstance(lab, str) or "\0" in lab or len(lab.encode("utf-8", "surrogatepass")) > 65000:
+                raise ProbeInputError(f"{path}: label {lab!r:.80} cannot be saved: a label names zip entries, so it "
+                                      "must be a string without NUL characters, of at most 65,000 bytes")
         for lab, rec in self.records.items():
             arrays[f"selections/{lab}"] = rec.selections
             arrays[f"weight_sum/{lab}"] = rec.weight_sum

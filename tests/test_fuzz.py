@@ -81,7 +81,7 @@ NASTY_FLOATS = [0.0, -0.0, 0.5, 1e-45, 1e-320, 3.4e38, 3.5e38, 1e308, -1e308, ma
 NASTY_STRINGS = ["", " ", "\ud800", "a\udfffb", "\x00", "a\x00", "é", "\u202e", "𝔘", "\ufeff", "disable", "force",
                  "bias", "scale", "all", "generated", "prompt", "../../x", "a/b", "selections/a", "meta.json",
                  "{{7*7}}", "%s%n", "x" * 1000, "x" * 1001, "é" * 20000, "x" * 70000]
-_ALPHABET = "ab \n\t\"\\{}[],:0-.eé\x00\x7f\u2028\ud800\udc00\U0001d518"
+_ALPHABET = "abcdefgh \n\t\"\\{}[],:0-.eé\x00\x7f\u2028\U0001d518"  # lone surrogates: in NASTY_STRINGS
 
 
 class Src:
@@ -185,9 +185,11 @@ def dump(src: Src, doc) -> bytes:
     return mutate(src, text.encode("utf-8", "surrogatepass"))
 
 
-def mutate(src: Src, data: bytes) -> bytes:
+def mutate(src: Src, data: bytes, intact: float = 0.55) -> bytes:
     """Byte-level damage: flips, insertions, deletions, truncation, nesting bombs, long numbers."""
-    kind = src.pick(["none"] * 6 + ["flip", "insert", "delete", "truncate", "bomb", "bigint", "raw"])
+    if src.p(intact):  # most inputs reach the checks behind the parser intact
+        return data
+    kind = src.pick(["flip", "insert", "delete", "truncate", "bomb", "bigint", "raw"])
     b = bytearray(data)
     if kind == "flip" and b:
         for _ in range(src.int(1, 4)):
@@ -229,32 +231,38 @@ TOPOS = [
 
 
 def profile_file(src: Src) -> bytes:
-    small = lambda: src.int(-2, 20)  # noqa: E731
+    def index() -> int:
+        return src.int(0, 20) if src.p(0.9) else src.pick([-2, -1, 2**31, 2**63])
+
     entries = []
     for _ in range(src.int(0, 6)):
-        entry = {}
-        for key, plausible in (("layer", small), ("expert", small), ("action", lambda: src.pick(ACTIONS)),
-                               ("value", lambda: src.pick([0.0, 0.5, 2.0, -2.0, 1]) if src.p(0.7) else src.float())):
-            if src.p(0.5 if key == "value" else 0.95):
-                entry[key] = src.maybe(plausible, 0.1)
+        action = src.pick(ACTIONS)
+        entry = {"layer": src.maybe(index, 0.05), "expert": src.maybe(index, 0.05),
+                 "action": src.value() if src.p(0.05) else action}
+        if (action in ("bias", "scale")) == src.p(0.92):
+            entry["value"] = src.maybe(lambda: src.pick([0.0, 0.5, 2.0, -2.0, 1]) if src.p(0.7) else src.float(), 0.05)
+        for key in list(entry):
+            if src.p(0.03):
+                del entry[key]
         entries.append(entry)
     fields = {
         "format": lambda: PROFILE_FORMAT,
-        "version": lambda: src.pick([1, 1, 1, 0, 2, 1.0, "1", True]),
+        "version": lambda: 1 if src.p(0.9) else src.pick([0, 2, 1.0, "1", True]),
         "name": src.text, "description": src.text,
-        "model": lambda: src.pick([None, *[t.fingerprint() for t in TOPOS], {"arch": "qwen3moe"}, {"n_layer": -1},
-                                   {"moe_layers": [0, "1"]}]),
+        "model": lambda: src.pick([None, *[t.fingerprint() for t in TOPOS], {"arch": "qwen3moe"}]) if src.p(0.9)
+        else src.pick([{"n_layer": -1}, {"moe_layers": [0, "1"]}, {"x": 1}]),
         "entries": lambda: entries,
-        "schedule": lambda: {k: v() for k, v in (("apply_to", lambda: src.pick(["all", "generated", "x"])),
-                                                 ("after_tokens", lambda: src.pick([0, 3, -1, 2**70])),
-                                                 ("after_text", lambda: src.text() if src.p(0.5) else None))
-                             if src.p(0.5)},
+        "schedule": lambda: {k: v() for k, v in (
+            ("apply_to", lambda: src.pick(["all", "generated"]) if src.p(0.9) else "x"),
+            ("after_tokens", lambda: src.pick([0, 3, 2**70]) if src.p(0.9) else -1),
+            ("after_text", lambda: src.text() if src.p(0.5) else None)) if src.p(0.5)},
         "meta": lambda: {src.text(): src.value() for _ in range(src.int(0, 3))},
     }
-    doc: dict | object = {key: src.maybe(plausible, 0.08) for key, plausible in fields.items() if src.p(0.92)}
-    if src.p(0.05):
-        doc[src.text()] = src.value()
+    doc: dict | object = {key: src.maybe(plausible, 0.04) for key, plausible in fields.items()
+                          if src.p(0.99 if key in ("format", "entries", "version") else 0.8)}
     if src.p(0.03):
+        doc[src.text()] = src.value()
+    if src.p(0.02):
         doc = src.value()
     return dump(src, doc)
 
@@ -367,13 +375,13 @@ DTYPES = [np.int64, np.int32, np.uint8, np.uint64, np.float64, np.float32, np.fl
           "S2", object]
 
 
-def array(src: Src, shape: tuple | None = None) -> np.ndarray:
-    if shape is None or src.p(0.2):
+def array(src: Src, shape: tuple | None = None, dtype=np.int64) -> np.ndarray:
+    if shape is None or src.p(0.1):
         shape = tuple(src.int(0, 4) for _ in range(src.int(0, 3)))
-    dtype = src.pick([np.int64] * 4 + [np.float64] * 2 + DTYPES)
+    dtype = dtype if src.p(0.9) else src.pick(DTYPES)
     n = int(np.prod(shape)) if shape else 1
-    pool = [0, 1, 3, -1, 2**40, 0.5, math.nan, math.inf, -2.0]
-    vals = [src.pick(pool[:4]) if src.p(0.8) else src.pick(pool) for _ in range(n)]
+    pool = [0, 1, 3, 2**40, -1, 0.5, math.nan, math.inf, -2.0]
+    vals = [src.pick(pool[:3]) if src.p(0.97) else src.pick(pool) for _ in range(n)]
     with np.errstate(all="ignore"):
         try:
             return np.array(vals, dtype=np.float64).astype(dtype).reshape(shape)
@@ -390,14 +398,14 @@ def _npz(arrs: dict, compressed: bool) -> bytes:
 def record_files(src: Src) -> tuple[bytes, bytes | None]:
     n_layer, n_expert = src.int(0, 3), src.int(0, 4)
     shapes = {"selections": (n_layer, n_expert), "weight_sum": (n_layer, n_expert), "tokens": (n_layer,)}
-    arrs = {k: array(src, s) for k, s in shapes.items() if src.p(0.93)}
+    arrs = {k: array(src, s, np.float64 if k == "weight_sum" else np.int64) for k, s in shapes.items() if src.p(0.98)}
     if src.p(0.1):
         arrs[src.pick(["x", "selections.npy", "tokens/a"])] = array(src)
     meta = src.maybe(lambda: {"format": "moe-gguf-routing", "version": 1, "n_layer": n_layer, "n_expert": n_expert,
-                              "model": "abc"}, 0.3)
+                              "model": "abc"}, 0.1)
     if src.p(0.5):  # files since the metadata is kept inside the .npz too
         arrs["record_meta"] = np.frombuffer(dump(src, meta), dtype=np.uint8) if src.p(0.9) else array(src)
-    data = mutate(src, _npz(arrs, src.p(0.5)))
+    data = mutate(src, _npz(arrs, src.p(0.5)), intact=0.85)  # (zip checksums catch most damage)
     side = dump(src, meta) if src.p(0.5) else None
     return data, side
 
@@ -444,9 +452,9 @@ def probe_file(src: Src) -> bytes:
         "labels": labels, "item_labels": item_labels, "item_pairs": [src.pick([None, "p"]) for _ in item_labels],
         "meta": {"n_items": len(item_labels)}}
     for key in list(meta):
-        if src.p(0.04):
+        if src.p(0.02):
             del meta[key]
-        elif src.p(0.06):
+        elif src.p(0.03):
             meta[key] = src.value()
     if src.p(0.03):
         meta = src.value()
@@ -454,16 +462,17 @@ def probe_file(src: Src) -> bytes:
     for lab in labels:
         for k, s in (("selections", (n_layer, n_expert)), ("weight_sum", (n_layer, n_expert)), ("tokens", (n_layer,))):
             if src.p(0.97):
-                arrs[f"{k}/{lab}"] = array(src, s)
+                arrs[f"{k}/{lab}"] = array(src, s, np.float64 if k == "weight_sum" else np.int64)
     if src.p(0.8):
         n = len(item_labels)
         for k, s in (("item_maps", (n, n_layer, n_expert)), ("item_tokens", (n, n_layer)),
                      ("item_wsum", (n, n_layer, n_expert))):
             if src.p(0.97):
-                arrs[k] = array(src, s)
-    arrs["meta.json"] = np.frombuffer(dump(src, meta), dtype=np.uint8) if src.p(0.97) else array(src)
+                arrs[k] = array(src, s, np.float32 if k == "item_wsum" else np.int32)
+    arrs["meta.json"] = np.frombuffer(mutate(src, json.dumps(meta).encode(), intact=0.8) if src.p(0.9) else dump(src, meta),
+                                      dtype=np.uint8) if src.p(0.97) else array(src)
     try:
-        return mutate(src, _npz(arrs, src.p(0.5)))
+        return mutate(src, _npz(arrs, src.p(0.5)), intact=0.85)
     except (ValueError, UnicodeEncodeError, struct.error):  # a label numpy/zipfile cannot name an entry after
         return b""
 
