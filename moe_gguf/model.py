@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,17 +38,24 @@ class DecodeError(RuntimeError):
     """llama_decode failed (context full, allocation failure, ...)."""
 
 
+class ContextClosedError(RuntimeError):
+    """A context (or the model it was made on) was closed and cannot be used any more."""
+
+
 class MoEModel:
     """A MoE GGUF loaded with llama-cpp-python (``self.llama``), plus what moe-gguf adds."""
 
     def __init__(self, path: str | os.PathLike, *, n_ctx: int = 2048, n_gpu_layers: int = 0,
                  n_threads: int | None = None, n_batch: int = 512, expert_used_count: int | None = None,
                  placement: Placement | None = None, extra_bufts: bool = True,
+                 rpc_servers: Sequence[str] | None = None,
                  seed: int = 0, verbose: bool = False, **llama_kwargs) -> None:
         """Load a MoE GGUF.
 
         placement: where expert weights live (llama.cpp's --cpu-moe / --n-cpu-moe / -ot).
         extra_bufts: llama.cpp's CPU weight repacking buffers (False: plain CPU buffers).
+        rpc_servers: "host:port" of ``moe-gguf rpc-server`` processes (llama.cpp's --rpc); layers are
+            spread over their devices and this machine's GPUs. n_gpu_layers=0 then means all layers.
         """
         self.path = Path(path)
         self.topology = ModelTopology.from_gguf(self.path, expert_used_override=expert_used_count)
@@ -67,6 +75,16 @@ class MoEModel:
         # the override array must outlive the model: llama.cpp keeps the pointer
         self._overrides = override_array(self.placement.rules(self.topology.n_layer))
         fields: dict = {}
+        self._devices = None  # like the override array, llama.cpp keeps this pointer
+        if rpc_servers:
+            from moe_gguf import rpc
+
+            try:
+                self._devices = rpc.device_list(list(rpc_servers))
+            except rpc.RPCError as e:
+                raise ModelFileError(f"{self.path}: {e}") from e
+            fields["devices"] = ctypes.cast(self._devices, ctypes.c_void_p)
+            n_gpu_layers = n_gpu_layers or -1
         if self._overrides is not None:
             fields["tensor_buft_overrides"] = ctypes.cast(self._overrides, ctypes.c_void_p)
         if not extra_bufts:
@@ -81,12 +99,17 @@ class MoEModel:
         except jinja2.TemplateError as e:  # llama-cpp-python compiles the GGUF's chat templates on load
             raise ModelFileError(f"{self.path}: the model's chat template is broken ({type(e).__name__}: {e})") from e
         self._low = low
+        self._contexts = _ContextRegistry(low)
+        # LIFO: runs before llama-cpp-python frees the model, however that happens (close(), or a GC cycle
+        # finalizing the model before a SteerContext still holding a context on it)
+        self.llama._model._exit_stack.callback(self._contexts.free_all)
         self._chat = _Steering(self, self.llama.ctx)
 
     # -- steering of the Llama's own context (create_completion, create_chat_completion) --
 
     def steer(self, profile: SteeringProfile | None, *, strength: float = 1.0, allow_mismatch: bool = False) -> None:
         """Steer every later call on ``self.llama`` with ``profile`` (None: stop steering)."""
+        self._check_open()
         self._chat.set_profile(profile, seq_id=-1, strength=strength, allow_mismatch=allow_mismatch)
         # Llama keeps a prefix cache of evaluated tokens: they were computed with the old steering
         self.llama.reset()
@@ -94,6 +117,7 @@ class MoEModel:
 
     def set_n_expert_used(self, n: int, *, layer: int = -1) -> None:
         """Experts per token on ``self.llama``'s context (0: the model's value); no reload."""
+        self._check_open()
         _set_n_expert_used(self.llama.ctx, n, layer)
         self.llama.reset()
         self._low.llama_memory_clear(self._low.llama_get_memory(self.llama.ctx), True)
@@ -101,17 +125,21 @@ class MoEModel:
     def context(self, *, n_ctx: int | None = None, n_seq_max: int = 1, n_batch: int | None = None,
                 n_ubatch: int | None = None, cb_eval=None) -> SteerContext:
         """A new context on this model for batched, per-sequence steered decoding."""
+        self._check_open()
         return SteerContext(self, n_ctx=n_ctx or self.llama.n_ctx(), n_seq_max=n_seq_max,
                             n_batch=n_batch or self.llama.n_batch, n_ubatch=n_ubatch, cb_eval=cb_eval)
 
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
+        self._check_open()
         return self.llama.tokenize(text.encode(), add_bos=add_bos, special=special)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
+        self._check_open()
         return self.llama.detokenize(list(tokens)).decode("utf-8", errors="replace")
 
     def chat_prompt(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
         """Render messages with the model's own chat template (sandboxed Jinja)."""
+        self._check_open()
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         template = self.llama.metadata.get("tokenizer.chat_template")
@@ -127,6 +155,14 @@ class MoEModel:
         except Exception as e:  # jinja2.TemplateError (SecurityError for sandbox escapes), raise_exception's ValueError...
             raise ModelFileError(f"{self.path}: the model's chat template failed ({type(e).__name__}: {e})") from e
 
+    @property
+    def closed(self) -> bool:
+        return self.llama._model.model is None
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ContextClosedError(f"{self.path}: the model is closed; load it again")
+
     def close(self) -> None:
         self.llama.close()
 
@@ -137,16 +173,63 @@ class MoEModel:
         self.close()
 
 
+class _ContextRegistry:
+    """The llama_contexts made on one model, so that each is freed once and always before the model.
+
+    Holds raw pointers only: weak references to SteerContexts would already be cleared when a GC cycle
+    finalizes the model, and strong ones would keep closed contexts alive as long as the model.
+    """
+
+    def __init__(self, low) -> None:
+        self._low = low
+        self._open: dict[int, tuple] = {}
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def add(self, ctx, batch) -> int:
+        with self._lock:
+            self._next += 1
+            self._open[self._next] = (ctx, batch)
+            return self._next
+
+    def free(self, key: int) -> None:
+        with self._lock:
+            item = self._open.pop(key, None)
+        if item is not None:
+            ctx, batch = item
+            if batch is not None:
+                self._low.llama_batch_free(batch)
+            self._low.llama_free(ctx)
+
+    def free_all(self) -> None:
+        for key in list(self._open):
+            self.free(key)
+
+    def is_open(self, key: int) -> bool:
+        return key in self._open
+
+
 class _Steering:
     """Profiles uploaded to one llama_context (ids 1, 2, ...), and which sequence uses which."""
 
-    def __init__(self, model: MoEModel, ctx) -> None:
+    def __init__(self, model: MoEModel, ctx, key: int | None = None) -> None:
         self.model = model
-        self.ctx = ctx
+        self._raw_ctx = ctx
+        self._key = key  # None: the Llama's own context
         self._ids: dict[tuple, int] = {}  # (id(profile), strength, entries) -> profile id
         self._profiles: dict[int, SteeringProfile] = {}
         self._default = 0  # profile of every sequence not listed in _seq
         self._seq: dict[int, int] = {}
+
+    @property
+    def ctx(self):
+        if self._key is not None:
+            open_ = self.model._contexts.is_open(self._key)
+        else:
+            open_ = self.model.llama._ctx is not None and self.model.llama._ctx.ctx is not None
+        if not open_:
+            raise ContextClosedError("this context (or its model) was closed; make a new one")
+        return self._raw_ctx
 
     def upload(self, profile: SteeringProfile, strength: float, allow_mismatch: bool) -> int:
         topo = self.model.topology
@@ -245,14 +328,19 @@ class SteerContext:
             p.cb_eval = cb_eval
             p.cb_eval_user_data = None
         self._cb_eval = cb_eval  # keep the ctypes callback alive
-        self.ctx = low.llama_init_from_model(model.llama.model, p)
-        if not self.ctx:
+        self._ctx = None
+        if model.llama._model.model is None:
+            raise ValueError(f"{model.path}: the model is closed; load it again to make a context")
+        ctx = low.llama_init_from_model(model.llama.model, p)
+        if not ctx:
             raise RuntimeError(f"llama.cpp could not create a context (n_ctx={n_ctx}, n_seq_max={n_seq_max})")
+        self._batch = low.llama_batch_init(n_batch, 0, 1)
+        self._key = model._contexts.add(ctx, self._batch)
+        self._ctx = ctx
         self.n_ctx, self.n_batch, self.n_seq_max = n_ctx, n_batch, n_seq_max
         self.n_vocab = low.llama_vocab_n_tokens(low.llama_model_get_vocab(model.llama.model))
-        self._steering = _Steering(model, self.ctx)
+        self._steering = _Steering(model, ctx, self._key)
         self._route_cb = None
-        self._batch = low.llama_batch_init(n_batch, 0, 1)
         vocab = low.llama_model_get_vocab(model.llama.model)
         self._eog = {t for t in range(self.n_vocab) if low.llama_vocab_is_eog(vocab, t)}
 
@@ -319,6 +407,7 @@ class SteerContext:
         """
         if logits not in ("last", "all", "route", "none"):
             raise ValueError(f"logits must be 'last', 'all', 'route' or 'none', got {logits!r}")
+        ctx = self.ctx  # ContextClosedError before the (then freed) batch is touched
         low, b = self._low, self._batch
         every = logits in ("all", "route")
         flat = [(s, t, p0 + i, every or (logits == "last" and i == len(toks) - 1))
@@ -336,7 +425,7 @@ class SteerContext:
                 b.seq_id[i][0] = s
                 b.logits[i] = want
             b.n_tokens = len(chunk)
-            rc = low.llama_decode(self.ctx, b)
+            rc = low.llama_decode(ctx, b)
             if rc != 0:
                 raise DecodeError(f"llama_decode returned {rc} (context of {self.n_ctx} tokens full, or out of memory)")
             for i, (s, _, _, want) in enumerate(chunk):
@@ -422,11 +511,21 @@ class SteerContext:
         return self.generate_many([Request(list(tokens), profile, max_tokens, strength, schedule, stop)],
                                   temperature=temperature, top_p=top_p, seed=seed)[0]
 
+    @property
+    def ctx(self):
+        """The llama_context pointer; ContextClosedError once this context or its model is closed."""
+        if self._ctx is None or not self.model._contexts.is_open(self._key):
+            raise ContextClosedError("this context (or its model) was closed; make a new one with model.context()")
+        return self._ctx
+
+    @property
+    def closed(self) -> bool:
+        return self._ctx is None or not self.model._contexts.is_open(self._key)
+
     def close(self) -> None:
-        if self.ctx:
-            self._low.llama_batch_free(self._batch)
-            self._low.llama_free(self.ctx)
-            self.ctx = None
+        if self._ctx is not None:
+            self._ctx = None
+            self.model._contexts.free(self._key)  # a no-op if closing the model freed it already
 
     def __enter__(self) -> SteerContext:
         return self
