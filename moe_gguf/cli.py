@@ -20,7 +20,8 @@ def _fail(msg: str) -> None:
 
 def _load(model_path: str, *, n_gpu_layers: int = 0, n_ctx: int = 2048, threads: int | None = None,
           expert_used: int | None = None, cpu_moe: bool = False, n_cpu_moe: int = 0,
-          override_tensor: tuple[str, ...] = (), no_repack: bool = False, **kw):
+          override_tensor: tuple[str, ...] = (), no_repack: bool = False, rpc_servers: tuple[str, ...] | None = None,
+          **kw):
     from moe_gguf import _lib
     from moe_gguf.model import MoEModel
     from moe_gguf.offload import Placement
@@ -30,9 +31,19 @@ def _load(model_path: str, *, n_gpu_layers: int = 0, n_ctx: int = 2048, threads:
     try:
         return MoEModel(model_path, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=threads,
                         expert_used_count=expert_used, extra_bufts=not no_repack,
-                        placement=Placement(tuple(override_tensor), cpu_moe, n_cpu_moe), **kw)
+                        placement=Placement(tuple(override_tensor), cpu_moe, n_cpu_moe),
+                        rpc_servers=list(rpc_servers) if rpc_servers else None, **kw)
     except (ModelFileError, ValueError) as e:
         _fail(str(e))
+
+
+def _split_servers(_ctx, _param, value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    servers = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not servers:
+        raise click.BadParameter("expected HOST:PORT[,HOST:PORT...]")
+    return servers
 
 
 def llama_options(f):
@@ -50,6 +61,8 @@ def llama_options(f):
         click.option("-ot", "--override-tensor", multiple=True,
                      help="PATTERN=BUFFER[,...]: weights matching the regex go to that buffer type (e.g. CPU, CUDA0)."),
         click.option("--no-repack", is_flag=True, help="Do not use llama.cpp's CPU weight-repacking buffers."),
+        click.option("--rpc", "rpc_servers", default=None, metavar="HOST:PORT[,...]", callback=_split_servers,
+                     help="Spread layers over `moe-gguf rpc-server` processes (llama.cpp --rpc); all layers unless -ngl."),
     ]):
         f = opt(f)
     return f
@@ -526,6 +539,27 @@ def chat(model_path, profiles, system_prompt, n_gpu_layers, n_ctx, threads, expe
 
     run_chat(model_path=model_path, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads,
              expert_used_count=expert_used, profiles=list(profiles), system_prompt=system_prompt, **placement)
+
+
+@main.command("rpc-server")
+@click.option("-H", "--host", default="127.0.0.1", show_default=True,
+              help="Address to bind (the protocol has no authentication: loopback or a private network only).")
+@click.option("-p", "--port", default=50052, show_default=True, type=int, help="TCP port.")
+@click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@click.option("-d", "--device", "devices", multiple=True, help="Device(s) to expose (default: all GPUs, else the CPU).")
+@click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
+              help="Cache received tensors in this directory (faster reloads of the same model).")
+def rpc_server(host: str, port: int, threads: int | None, devices: tuple[str, ...], cache_dir: str | None) -> None:
+    """Lend this machine's memory to a model loaded elsewhere with --rpc (llama.cpp's rpc-server)."""
+    from moe_gguf import _lib, rpc
+
+    if not _lib.STATUS.ok:
+        _fail(_lib.STATUS.error or "patched library missing")
+    try:
+        rpc.serve(host, port, n_threads=threads, devices=list(devices) or None, cache_dir=cache_dir,
+                  log=lambda m: click.echo(m, err=True))
+    except rpc.RPCError as e:
+        _fail(str(e))
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ PATCH_API_VERSION = 2  # LLAMA_MOE_STEER_API_VERSION in the patched llama.h
 
 PATCH_FILE = Path(__file__).resolve().parent.parent / "native" / f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}.patch"
 
-# what moe-gguf does not need; CMAKE_ARGS given by the user come after and win
-DEFAULT_CMAKE_ARGS = ["-DLLAVA_BUILD=OFF"]
+# -DLLAVA_BUILD=OFF: what moe-gguf does not need; -DGGML_RPC=ON: llama.cpp's RPC backend, for models spread
+# over several machines (moe_gguf.rpc). CMAKE_ARGS given by the user come after and win.
+DEFAULT_CMAKE_ARGS = ["-DLLAVA_BUILD=OFF", "-DGGML_RPC=ON"]
 
 FIX_COMMAND = "python -m moe_gguf.native build"
 
