@@ -67,6 +67,7 @@ FIGURES = [
     ("probe", "d", "probe 16 prompts: n_seq 8 vs 1 (prompts/s)", "probe-8", "probe-1", "prompts_per_s", None),
 ]
 MEM_TARGET = 0.01  # memory overhead patched vs stock, plus the capture buffers
+PRUNE_FRACTIONS = (0.25, 0.5)  # share of each layer's experts removed by `moe-gguf prune`
 
 
 def log(msg: str) -> None:
@@ -169,6 +170,61 @@ def bench_model(path: Path, label: str, pys: dict, reps: int, ngl: int, threads:
             w.close()
 
 
+def pruned_models(path: Path) -> dict[str, Path]:
+    """The model and copies with 25% / 50% of each layer's experts removed (moe_gguf.prune, cached)."""
+    from moe_gguf.prune import prune_gguf
+    from moe_gguf.topology import ModelTopology
+
+    topo = ModelTopology.from_gguf(path)
+    out = {"unpruned": path}
+    for frac in PRUNE_FRACTIONS:
+        n_rm = int(round(topo.n_expert * frac))
+        dst = MODELS_DIR / f"{path.stem}-pruned{int(100 * frac)}.gguf"
+        if not dst.exists():
+            log(f"writing {dst.name}: {n_rm} of {topo.n_expert} experts removed per layer")
+            # random synthetic weights: which experts go does not change the cost, only how many
+            prune_gguf(path, dst, remove={il: range(topo.n_expert - n_rm, topo.n_expert) for il in topo.moe_layers})
+        out[f"pruned{int(100 * frac)}"] = dst
+    return out
+
+
+def bench_prune(path: Path, label: str, py: Path, reps: int, ngl: int, threads: int | None) -> dict:
+    """pp512 / tg128 of the pruned copies against the unpruned model, patched library, alternating."""
+    files = pruned_models(path)
+    log(f"\n== {label}: pruned copies ({', '.join(files)})")
+    workers: dict[str, Worker] = {}
+    try:
+        for name, f in files.items():
+            workers[name] = Worker(f"patched/{name}", py, f, ngl, threads)
+        samples: dict[str, list[dict]] = {f"{n}-{c}": [] for n in files for c in ("pp", "tg")}
+        order = list(samples)
+        for rep in range(reps):
+            t0 = time.time()
+            for key in order if rep % 2 == 0 else order[::-1]:
+                name, case = key.rsplit("-", 1)
+                samples[key].append(workers[name].ask({"case": case}))
+            log(f"   repetition {rep + 1}/{reps}: {time.time() - t0:.0f} s")
+    finally:
+        for w in workers.values():
+            w.close()
+    return {"label": label, "files": {n: {"file": f.name, "size_mib": f.stat().st_size / 2**20} for n, f in files.items()},
+            "samples": samples, "figures": prune_figures(samples, files)}
+
+
+def prune_figures(samples: dict, files: dict) -> dict:
+    out = {}
+    for name in files:
+        if name == "unpruned":
+            continue
+        for case, n in (("pp", "pp512"), ("tg", "tg128")):
+            t, b = med(samples[f"{name}-{case}"], "tps"), med(samples[f"unpruned-{case}"], "tps")
+            mt, mb = med(samples[f"{name}-{case}"], "mem_mib"), med(samples[f"unpruned-{case}"], "mem_mib")
+            out[f"{n}_{name}"] = {"figure": f"{n}, {name} vs unpruned", "test_median": t, "base_median": b,
+                                  "ratio": t / b, "mem_mib_test": mt, "mem_mib_base": mb,
+                                  "mem_ratio": mt / mb if mt and mb else None}
+    return out
+
+
 def med(rows: list[dict], key: str) -> float | None:
     vals = [r[key] for r in rows if r.get(key) is not None]
     return statistics.median(vals) if vals else None
@@ -267,6 +323,14 @@ def table(results: dict) -> str:
                 over += "" if f["mem_met"] else " MISSED"
             lines.append(f"| {f['figure']} | {f['base_median']:.2f} {unit} | {f['test_median']:.2f} {unit} | "
                          f"{f['ratio']:.3f}x | {f['best_of_ratio']:.3f}x | {target} | {met} | {mem} | {over} |")
+    for p in results.get("prune", {}).values():
+        lines += [f"\n### moe-gguf prune: {p['label']} (patched library; ratio pruned / unpruned)", "",
+                  "| figure | unpruned | pruned | ratio | RSS unpruned→pruned (MiB) |", "|---|---|---|---|---|"]
+        sizes = ", ".join(f"{n} {v['size_mib']:.0f} MiB" for n, v in p["files"].items())
+        lines.append(f"| file size | | | {sizes} | |")
+        for f in p["figures"].values():
+            lines.append(f"| {f['figure']} | {f['base_median']:.2f} t/s | {f['test_median']:.2f} t/s | "
+                         f"{f['ratio']:.3f}x | {f['mem_mib_base']:.0f}→{f['mem_mib_test']:.0f} |")
     return "\n".join(lines)
 
 
@@ -279,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu", action="store_true", help="CUDA builds of both libraries (-DGGML_CUDA=on), -ngl 99")
     ap.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     ap.add_argument("--setup-only", action="store_true", help="build both environments and the models, then exit")
+    ap.add_argument("--no-prune", action="store_true", help="skip pp/tg of the 25%% / 50%% pruned copies of the first model")
+    ap.add_argument("--only-prune", action="store_true", help="only the pruned-copies comparison")
     args = ap.parse_args(argv)
     reps = args.reps or (3 if args.quick else 5)
     models = (args.models or (QUICK_MODELS if args.quick else DEFAULT_MODELS)).split(",")
@@ -293,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     pys = {"stock": envs.stock_python(log), "patched": envs.patched_python(log)}
     paths = [ensure_model(m, pys["patched"]) for m in models]
     if args.setup_only:
+        if not args.no_prune:
+            pruned_models(paths[0][0])
         log(f"ready: stock {pys['stock']}, patched {pys['patched']}, models {[str(p) for p, _ in paths]}")
         return 0
 
@@ -304,8 +372,12 @@ def main(argv: list[str] | None = None) -> int:
                "command": " ".join([sys.executable, *sys.argv]), "reps": reps,
                "threads": args.threads or os.cpu_count(), "gpu": args.gpu, "machine": info, "models": {}}
     t0 = time.time()
-    for path, label in paths:
-        results["models"][path.stem] = bench_model(path, label, pys, reps, 99 if args.gpu else 0, args.threads, args.gpu)
+    ngl = 99 if args.gpu else 0
+    for path, label in ([] if args.only_prune else paths):
+        results["models"][path.stem] = bench_model(path, label, pys, reps, ngl, args.threads, args.gpu)
+    if not args.no_prune:
+        path, label = paths[0]
+        results["prune"] = {path.stem: bench_prune(path, label, pys["patched"], reps, ngl, args.threads)}
     results["machine"]["load_avg_end"] = os.getloadavg()
     results["wall_s"] = time.time() - t0
     out = args.out or BENCH / "results" / f"{'gpu' if args.gpu else 'cpu'}-{os.cpu_count()}core.json"

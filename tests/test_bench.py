@@ -64,3 +64,20 @@ def test_figures_are_ratios():
     assert all("ratio" in k for f in figs.values() for k in f if k.endswith("ratio"))
     assert "| pp512, no profile |" in run.table({"models": {"m": {"label": "m", "logits": {"bit_identical": True},
                                                                     "figures": figs}}})
+
+
+def test_prune_figures_and_copies(synth_model, tmp_path, monkeypatch):
+    import run
+
+    monkeypatch.setattr(run, "MODELS_DIR", tmp_path)
+    files = run.pruned_models(synth_model("qwen3moe"))  # 8 experts: 2 and 4 removed per layer
+    from moe_gguf.topology import ModelTopology
+
+    assert [ModelTopology.from_gguf(f).n_expert for f in files.values()] == [8, 6, 4]
+    samples = {f"{n}-{c}": [{"tps": {"unpruned": 100.0, "pruned25": 110.0, "pruned50": 125.0}[n], "mem_mib": 10.0}]
+               for n in files for c in ("pp", "tg")}
+    figs = run.prune_figures(samples, files)
+    assert figs["pp512_pruned50"]["ratio"] == 1.25 and figs["tg128_pruned25"]["ratio"] == 1.1
+    res = {"models": {}, "prune": {"m": {"label": "m", "figures": figs,
+                                         "files": {n: {"size_mib": f.stat().st_size / 2**20} for n, f in files.items()}}}}
+    assert "| pp512, pruned50 vs unpruned |" in run.table(res)
