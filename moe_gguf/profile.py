@@ -14,7 +14,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
@@ -23,6 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from moe_gguf._tempfiles import mkstemp_for
 from moe_gguf.errors import ModelMismatchError, ProfileError
 from moe_gguf.topology import ModelTopology, format_layers
 
@@ -221,7 +221,7 @@ class SteeringProfile:
         path = Path(path).expanduser()
         text = self.to_json()
         try:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            fd, tmp = mkstemp_for(path)
         except OSError as e:
             raise ProfileError(f"{path}: cannot save the profile ({e.strerror or e}); does the directory exist?") from e
         try:

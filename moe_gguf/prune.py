@@ -44,7 +44,6 @@ import numbers
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from moe_gguf._tempfiles import mkstemp_for
 from moe_gguf.errors import CountFileError, FileWriteError
 from moe_gguf.profile import SteeringProfile
 from moe_gguf.recorder import RoutingRecord
@@ -349,7 +349,7 @@ def prune_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, remove: Mappin
     jobs = _tensor_jobs(head, topo, report)
 
     try:
-        fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+        fd, tmp_name = mkstemp_for(dst)
     except OSError as e:
         raise PruneError(f"{dst}: cannot write there ({e.strerror or e}); does the directory exist?") from e
     os.close(fd)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from moe_gguf._tempfiles import mkstemp_for
 from moe_gguf.errors import CountFileError, FileWriteError
 
 FORMAT = "moe-gguf-routing"
@@ -165,7 +165,7 @@ def atomic_write_all(files: list[tuple[Path, Callable]]) -> None:
     try:
         for path, write in files:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            fd, tmp = mkstemp_for(path)
             tmps.append(tmp)
             with os.fdopen(fd, "wb") as f:
                 write(f)
