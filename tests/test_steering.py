@@ -230,3 +230,47 @@ def test_profiles_no_sequence_uses_are_dropped(models):
         assert len(ctx._steering._profiles) == 2
         ctx.set_profile(None)
         assert ctx._steering._profiles == {}
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2"])
+def test_steered_graphs_are_reused_and_equal_rebuilt_ones(models, monkeypatch, arch):
+    """Token-by-token decoding with a profile reuses the graph (the steering values are uploaded again for every
+    ubatch), and gives bit for bit what a context rebuilding every graph (LLAMA_GRAPH_REUSE_DISABLE=1) gives,
+    including after a profile's values change between tokens."""
+    from llama_cpp import llama_cpp as low
+
+    m = models(arch, "f32")
+    topo = m.topology
+    _, base, _ = run(m)
+    first, last = topo.moe_layers[0], topo.moe_layers[-1]
+    prof = SteeringProfile.for_model(topo).disable(first, busiest(base, first)).bias(last, 1, 2.0).scale(last, 2, 0.5)
+
+    def decode(reuse: bool, edit: bool = True) -> tuple[list[np.ndarray], int]:
+        if reuse:
+            monkeypatch.delenv("LLAMA_GRAPH_REUSE_DISABLE", raising=False)
+        else:
+            monkeypatch.setenv("LLAMA_GRAPH_REUSE_DISABLE", "1")
+        out = []
+        with m.context(n_seq_max=2, n_batch=256) as ctx:
+            ctx.set_profile(prof, seq_id=1)
+            last_logits = ctx.decode([(0, PROMPT[:16], 0), (1, PROMPT[:16], 0)])
+            for step in range(12):
+                if step == 6 and edit:  # same layers and kinds, other values: no new topology
+                    edited = SteeringProfile.for_model(topo).disable(first, busiest(base, first)) \
+                        .bias(last, 1, -3.0).scale(last, 2, 1.5)
+                    ctx.set_profile(edited, seq_id=1)
+                toks = {s: int(np.argmax(last_logits[s])) for s in (0, 1)}
+                last_logits = ctx.decode([(s, [toks[s]], 16 + step) for s in (0, 1)])
+                out += [last_logits[0].copy(), last_logits[1].copy()]
+            n_reused = low.llama_perf_context(ctx.ctx).n_reused
+        return out, n_reused
+
+    reused, n_reused = decode(True)
+    rebuilt, n_rebuilt = decode(False)
+    assert n_reused >= 8 and n_rebuilt == 0
+    for a, b in zip(reused, rebuilt, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # the edit reached the reused graphs: the steered sequence's logits after it differ from a run without it
+    unedited, _ = decode(True, edit=False)
+    assert all(np.array_equal(a, b) for a, b in zip(reused[:12], unedited[:12], strict=True))
+    assert not np.array_equal(reused[-1], unedited[-1]) and np.array_equal(reused[-2], unedited[-2])
