@@ -43,7 +43,6 @@ import math
 import numbers
 import os
 import re
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +53,8 @@ import numpy as np
 
 from moe_gguf._tempfiles import mkstemp_for
 from moe_gguf.errors import CountFileError, FileWriteError
+from moe_gguf.gguf_header import GGUFHeader, GGUFHeaderError
+from moe_gguf.gguf_header import read_header as _read_header
 from moe_gguf.profile import SteeringProfile
 from moe_gguf.recorder import RoutingRecord
 from moe_gguf.topology import ModelTopology, format_layers
@@ -77,6 +78,13 @@ _REFUSED_ARCHS = {
     "grovemoe": "its chunk experts (ffn_*_chexps) serve fixed blocks of experts_per_group routed experts",
     "deepseek4": "its hash-routed layers pick experts from a token -> expert-id table (ffn_gate_tid2eid)",
 }
+
+
+def read_header(path: str | os.PathLike) -> GGUFHeader:
+    try:
+        return _read_header(path)
+    except GGUFHeaderError as e:
+        raise PruneError(str(e)) from e
 
 
 class PruneError(ValueError):
@@ -490,141 +498,6 @@ def _check_written(path: Path, topo: ModelTopology, report: PruneReport, jobs: l
     end = max((t.data_offset + t.n_bytes for t in head.tensors), default=head.data_start)
     if path.stat().st_size < end:
         raise PruneError(f"{path}: written file is truncated ({path.stat().st_size} of {end} bytes); is the disk full?")
-
-
-# -- GGUF header, read without loading it into numpy objects ------------------------------------------------
-# gguf.GGUFReader makes a numpy view per string, which for a 150k-token vocabulary costs ~0.5 GB and seconds;
-# this reads the same header with one bytes object per key.
-
-_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_SCALAR_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
-@dataclass(frozen=True)
-class GGUFValue:
-    vtype: int  # GGUFValueType
-    raw: bytes  # the encoded value as in the file: type tag + payload
-
-
-@dataclass(frozen=True)
-class GGUFTensorInfo:
-    name: str
-    ne: tuple[int, ...]  # ggml order
-    ggml_type: int
-    data_offset: int  # absolute, in the file
-    n_bytes: int
-
-
-@dataclass
-class GGUFHeader:
-    version: int
-    kv: dict[str, GGUFValue]
-    tensors: list[GGUFTensorInfo]
-    alignment: int
-    data_start: int
-
-    def value(self, key: str, default: Any = None) -> Any:
-        """A scalar or string value (arrays are not decoded)."""
-        v = self.kv.get(key)
-        if v is None:
-            return default
-        if v.vtype == _STRING:
-            return v.raw[12:].decode("utf-8", errors="replace")
-        if v.vtype in _SCALAR_FMT:
-            return struct.unpack_from(_SCALAR_FMT[v.vtype], v.raw, 4)[0]
-        return default
-
-
-def read_header(path: str | os.PathLike) -> GGUFHeader:
-    """The metadata and tensor table of a little-endian GGUF (v2/v3), without the tensor data."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        r = _Cursor(f, path)
-        if r.take(4) != b"GGUF":
-            raise PruneError(f"{path}: not a GGUF file")
-        version = r.u32()
-        if version > 0xFFFF:
-            raise PruneError(f"{path}: big-endian GGUF; convert it to little-endian (gguf_convert_endian.py) first")
-        if version < 2:
-            raise PruneError(f"{path}: GGUF version {version} is too old; re-convert the model")
-        n_tensors, n_kv = r.u64(), r.u64()
-        kv: dict[str, GGUFValue] = {}
-        for _ in range(n_kv):
-            key = r.string().decode("utf-8", errors="replace")
-            start = r.pos
-            vtype = r.u32()
-            r.skip_value(vtype)
-            kv[key] = GGUFValue(vtype, r.slice(start))
-        tensors = []
-        for _ in range(n_tensors):
-            name = r.string().decode("utf-8", errors="replace")
-            ne = tuple(r.u64() for _ in range(r.u32()))
-            ggml_type, offset = r.u32(), r.u64()
-            tensors.append((name, ne, ggml_type, offset))
-        header_end = r.pos
-    head = GGUFHeader(version, kv, [], 32, 0)
-    head.alignment = int(head.value(gguf.Keys.General.ALIGNMENT, 32))
-    head.data_start = -(-header_end // head.alignment) * head.alignment
-    for name, ne, ggml_type, offset in tensors:
-        try:
-            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
-        except (KeyError, ValueError) as e:
-            raise PruneError(f"{path}: tensor {name!r} has ggml type {ggml_type}, unknown to this gguf package; "
-                             "upgrade gguf (pip install -U gguf)") from e
-        n_bytes = (ne[0] // block) * size * math.prod(ne[1:]) if ne else 0
-        tensors_info = GGUFTensorInfo(name, ne, ggml_type, head.data_start + offset, n_bytes)
-        head.tensors.append(tensors_info)
-    return head
-
-
-class _Cursor:
-    """Sequential reads from a buffered file, remembering the position (for raw slices)."""
-
-    def __init__(self, f, path: Path) -> None:
-        self.f, self.path, self.pos = f, path, 0
-
-    def take(self, n: int) -> bytes:
-        b = self.f.read(n)
-        if len(b) != n:
-            raise PruneError(f"{self.path}: truncated GGUF header; download the file again")
-        self.pos += n
-        return b
-
-    def u32(self) -> int:
-        return struct.unpack("<I", self.take(4))[0]
-
-    def u64(self) -> int:
-        return struct.unpack("<Q", self.take(8))[0]
-
-    def string(self) -> bytes:
-        return self.take(self.u64())
-
-    def skip(self, n: int) -> None:
-        self.f.seek(n, os.SEEK_CUR)
-        self.pos += n
-
-    def skip_value(self, vtype: int) -> None:
-        if vtype in _SCALAR_SIZE:
-            self.skip(_SCALAR_SIZE[vtype])
-        elif vtype == _STRING:
-            self.skip(self.u64())
-        elif vtype == _ARRAY:
-            sub, count = self.u32(), self.u64()
-            if sub in _SCALAR_SIZE:
-                self.skip(_SCALAR_SIZE[sub] * count)
-            else:
-                for _ in range(count):
-                    self.skip_value(sub)
-        else:
-            raise PruneError(f"{self.path}: unknown GGUF value type {vtype}; the file is damaged or newer than gguf")
-
-    def slice(self, start: int) -> bytes:
-        """The bytes from ``start`` to the current position."""
-        end = self.pos
-        self.f.seek(start)
-        b = self.f.read(end - start)
-        return b
 
 
 class _Raw(bytes):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_gguf.errors import ModelFileError
+from moe_gguf.gguf_header import GGUFHeader, GGUFHeaderError, array_len, decode, read_header, string_items
 
 # llama_expert_gating_func_type (src/llama-hparams.h); 0 (NONE) means "not set"
 _GATING_CODES = {1: "softmax", 2: "sigmoid", 3: "softmax_weight", 4: "sqrt_softplus"}
@@ -112,13 +113,13 @@ class ModelTopology:
     def from_gguf(cls, path: str | Path, *, expert_used_override: int | None = None) -> ModelTopology:
         """Read a GGUF's MoE topology; `expert_used_override` is the top-k the model will be run with."""
         path = Path(path)
-        reader = _open(path)
-        fields = reader.fields
+        head = _open(path)
+        fields = head.kv
 
         def get(key: str, default: Any = None) -> Any:
             f = fields.get(key)
             try:
-                return default if f is None else f.contents()
+                return default if f is None else decode(f)
             except Exception as e:  # a damaged value: UnicodeDecodeError for a string that is not UTF-8, ...
                 raise ModelFileError(f"{path}: GGUF key {key!r} cannot be read ({type(e).__name__}: {e}); the file is "
                                      "corrupted. Re-download or re-convert the model.") from e
@@ -143,7 +144,7 @@ class ModelTopology:
         n_layer = get_int(f"{arch}.block_count") - get_int(f"{arch}.nextn_predict_layers", 0)
         n_expert = get_int(f"{arch}.expert_count", 0)
 
-        tensor_names = [t.name for t in reader.tensors]
+        tensor_names = [t.name for t in head.tensors]
         n_split = get_int("split.count", 1)
         if n_split > 1:
             tensor_names += _split_tensor_names(path, n_split)
@@ -167,7 +168,7 @@ class ModelTopology:
         gating_code = get_int(f"{arch}.expert_gating_func", 0)
         n_vocab = get(f"{arch}.vocab_size")
         if n_vocab is None and "tokenizer.ggml.tokens" in fields:
-            n_vocab = len(fields["tokenizer.ggml.tokens"].data)
+            n_vocab = array_len(fields["tokenizer.ggml.tokens"])
         gating = _gating(arch, gating_code, n_layer, n_vocab)
         if gating is None:
             raise ModelFileError(f"{path}: unknown '{arch}.expert_gating_func' value {gating_code}; this model needs a "
@@ -273,8 +274,8 @@ def _check_vocab(path: Path, field: Any) -> None:
     if field is None:
         return
     seen: dict[bytes, int] = {}
-    for i, idx in enumerate(field.data):
-        tok = field.parts[idx].tobytes().split(b"\0", 1)[0]  # llama.cpp reads the token as a C string
+    for i, raw in enumerate(string_items(field)):
+        tok = raw.split(b"\0", 1)[0]  # llama.cpp reads the token as a C string
         if tok in seen:
             raise ModelFileError(f"{path}: tokens {seen[tok]} and {i} of the vocabulary are the same ({tok[:40]!r}); "
                                  "the file is corrupted. Re-download or re-convert the model.")
@@ -309,10 +310,8 @@ def _stem(path: Path) -> str:
     return m.group(1) if m else path.stem
 
 
-def _open(path: Path):
-    """GGUFReader on `path` (memory-mapped), with every failure turned into a ModelFileError."""
-    from gguf import GGUFReader  # imported here: gguf is slow to import and only needed for model files
-
+def _open(path: Path) -> GGUFHeader:
+    """The GGUF's metadata and tensor table (not the data), with every failure turned into a ModelFileError."""
     if not path.exists():
         raise ModelFileError(f"{path}: no such file. Check the path to the .gguf model.")
     if path.is_dir():
@@ -326,16 +325,18 @@ def _open(path: Path):
         raise ModelFileError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF'). moe-gguf needs a "
                              "llama.cpp GGUF model; convert it with llama.cpp's convert_hf_to_gguf.py.")
     try:
-        reader = GGUFReader(path, "r")
-    except Exception as e:  # GGUFReader raises ValueError, IndexError, KeyError... on a damaged file
+        head = read_header(path)
+    except GGUFHeaderError as e:
+        raise ModelFileError(str(e)) from e
+    except Exception as e:  # struct.error, OSError, ... on a damaged file
         raise ModelFileError(f"{path}: truncated or corrupted GGUF ({type(e).__name__}: {e}). The download or copy "
                              "was probably interrupted; download the file again and compare its size or checksum.") from e
     size = path.stat().st_size
-    for t in reader.tensors:  # the tensor data must all be in the file, even though we never read it
+    for t in head.tensors:  # the tensor data must all be in the file, even though we never read it
         if t.data_offset + t.n_bytes > size:
             raise ModelFileError(f"{path}: truncated GGUF: tensor {t.name!r} ends at byte {t.data_offset + t.n_bytes} "
-                                 f"but the file has {size} bytes. Download the file again.")
-    return reader
+                                 f"but the file has {size} bytes; the download or copy was interrupted: download the file again.")
+    return head
 
 
 def _split_tensor_names(path: Path, n_split: int) -> list[str]:
