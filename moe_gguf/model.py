@@ -309,6 +309,9 @@ class StreamEvent:
     done: bool
 
 
+_MIXED = object()  # steering key of a sequence whose tokens were not all steered alike: never reused
+
+
 class SteerContext:
     """A llama_context with n_seq_max sequences, per-sequence profiles and routing capture."""
 
@@ -343,6 +346,8 @@ class SteerContext:
         self._route_cb = None
         vocab = low.llama_model_get_vocab(model.llama.model)
         self._eog = {t for t in range(self.n_vocab) if low.llama_vocab_is_eog(vocab, t)}
+        # what stream(reuse_prefix=True) left in the KV cache: seq -> (tokens decoded, steering key)
+        self._kv: dict[int, tuple[list[int], object]] = {}
 
     # -- steering --
 
@@ -391,6 +396,10 @@ class SteerContext:
     def clear_memory(self, seq_id: int = -1) -> None:
         mem = self._low.llama_get_memory(self.ctx)
         if seq_id < 0:
+            self._kv.clear()
+        else:
+            self._kv.pop(seq_id, None)
+        if seq_id < 0:
             self._low.llama_memory_clear(mem, True)
         else:
             self._low.llama_memory_seq_rm(mem, seq_id, -1, -1)
@@ -398,6 +407,17 @@ class SteerContext:
     # -- decoding --
 
     def decode(self, items: Sequence[tuple[int, Sequence[int], int]], *, logits: str = "last") -> dict[int, np.ndarray]:
+        """Decode tokens of several sequences together.
+
+        items: (seq_id, tokens, first position). logits: "last" (per sequence, [n_vocab]),
+        "all" (per sequence, [n_tokens, n_vocab]; also makes every layer's routing captured for
+        every token), "route" (outputs for every token so that every layer routes every token, but
+        no logits copied: for routing capture) or "none".
+        """
+        self._kv.clear()  # the cache no longer holds only what stream() put there
+        return self._decode(items, logits=logits)
+
+    def _decode(self, items: Sequence[tuple[int, Sequence[int], int]], *, logits: str = "last") -> dict[int, np.ndarray]:
         """Decode tokens of several sequences together.
 
         items: (seq_id, tokens, first position). logits: "last" (per sequence, [n_vocab]),
@@ -445,8 +465,14 @@ class SteerContext:
         return outs
 
     def stream(self, requests: Sequence[Request], *, temperature: float = 0.0, top_p: float = 1.0,
-               seed: int = 0) -> Iterator[StreamEvent]:
-        """Like generate_many, yielding after every decode step; stop iterating to stop generating."""
+               seed: int = 0, reuse_prefix: bool = False) -> Iterator[StreamEvent]:
+        """Like generate_many, yielding after every decode step; stop iterating to stop generating.
+
+        reuse_prefix: keep the KV cache of the longest prefix request s shares with what the previous
+        reuse_prefix stream left in sequence s (a chat's earlier turns), if that was decoded with the same
+        steering throughout (no profile, or the same profile and strength on every token); only the rest of
+        the prompt is decoded. A profile applied by a schedule is never reused.
+        """
         if not requests:
             return
         if len(requests) > self.n_seq_max:
@@ -459,51 +485,91 @@ class SteerContext:
             raise ValueError(f"{len(requests)} request(s) of {total} prompt + new tokens in all exceed the context of "
                              f"{self.n_ctx} tokens; use a larger n_ctx, fewer max_tokens or fewer sequences at once")
         rng = np.random.default_rng(seed)
-        self.clear_memory()
         outs = [Completion() for _ in requests]
         scheds = [r.schedule or (r.profile.schedule if r.profile else Schedule()) for r in requests]
         # prompt: steered when the schedule covers it; "generated" steers from the last prompt token on,
         # whose output predicts the first generated token
         now = [r.profile is not None and sc.after_tokens == 0 and not sc.after_text for r, sc in zip(requests, scheds, strict=True)]
-        for s, r in enumerate(requests):
-            self.set_profile(r.profile if now[s] and scheds[s].apply_to == "all" else None, seq_id=s, strength=r.strength)
-        head = [(s, r.tokens if now[s] and scheds[s].apply_to == "all" else r.tokens[:-1], 0) for s, r in enumerate(requests)]
-        logits = self.decode([h for h in head if h[1]])
-        tail = [(s, r.tokens[-1:], len(r.tokens) - 1) for s, r in enumerate(requests) if len(head[s][1]) < len(r.tokens)]
-        for s, _, _ in tail:
-            if now[s]:
-                self.set_profile(requests[s].profile, seq_id=s, strength=requests[s].strength)
-        logits.update(self.decode(tail) if tail else {})
-        for s in range(len(requests)):
-            if now[s]:
-                outs[s].steered_from = 0
-        pos = [len(r.tokens) for r in requests]
-        active = set(range(len(requests)))
-        while active:
-            step = []
-            new: dict[int, int] = {}
-            for s in sorted(active):
-                r, o, sc = requests[s], outs[s], scheds[s]
-                tok = _sample(logits[s], temperature, top_p, rng)
-                if tok in self._eog:
-                    o.finish_reason = "stop"
-                    active.discard(s)
-                    continue
-                o.tokens.append(tok)
-                o.text = self.model.detokenize(o.tokens)
-                new[s] = tok
-                if any(x in o.text for x in r.stop) or len(o.tokens) >= r.max_tokens:
-                    o.finish_reason = "stop" if any(x in o.text for x in r.stop) else "length"
-                    active.discard(s)
-                    continue
-                if r.profile is not None and o.steered_from is None and _schedule_due(sc, o):
-                    self.set_profile(r.profile, seq_id=s, strength=r.strength)
-                    o.steered_from = len(o.tokens)
-                step.append((s, [tok], pos[s]))
-                pos[s] += 1
-            yield StreamEvent(new, outs, not active)
-            if step:
-                logits = self.decode(step)
+        whole = [now[s] and scheds[s].apply_to == "all" for s in range(len(requests))]
+        # the steering every token of the sequence gets, if it is the same for all of them
+        keys: list[object] = [None if r.profile is None else (tuple(r.profile.entries), float(r.strength)) if whole[s]
+                              else _MIXED for s, r in enumerate(requests)]
+        if reuse_prefix:
+            keep = self._keep_prefix(requests, keys)
+        else:
+            self.clear_memory()
+            keep = [0] * len(requests)
+        fed = [list(r.tokens) for r in requests]
+        consistent = False
+        self._kv.clear()
+        try:
+            for s, r in enumerate(requests):
+                self.set_profile(r.profile if whole[s] else None, seq_id=s, strength=r.strength)
+            head = [(s, (r.tokens if whole[s] else r.tokens[:-1])[keep[s]:], keep[s]) for s, r in enumerate(requests)]
+            logits = self._decode([h for h in head if h[1]])
+            tail = [(s, r.tokens[-1:], len(r.tokens) - 1) for s, r in enumerate(requests)
+                    if keep[s] + len(head[s][1]) < len(r.tokens)]
+            for s, _, _ in tail:
+                if now[s]:
+                    self.set_profile(requests[s].profile, seq_id=s, strength=requests[s].strength)
+            logits.update(self._decode(tail) if tail else {})
+            consistent = True
+            for s in range(len(requests)):
+                if now[s]:
+                    outs[s].steered_from = 0
+            pos = [len(r.tokens) for r in requests]
+            active = set(range(len(requests)))
+            while active:
+                step = []
+                new: dict[int, int] = {}
+                for s in sorted(active):
+                    r, o, sc = requests[s], outs[s], scheds[s]
+                    tok = _sample(logits[s], temperature, top_p, rng)
+                    if tok in self._eog:
+                        o.finish_reason = "stop"
+                        active.discard(s)
+                        continue
+                    o.tokens.append(tok)
+                    o.text = self.model.detokenize(o.tokens)
+                    new[s] = tok
+                    if any(x in o.text for x in r.stop) or len(o.tokens) >= r.max_tokens:
+                        o.finish_reason = "stop" if any(x in o.text for x in r.stop) else "length"
+                        active.discard(s)
+                        continue
+                    if r.profile is not None and o.steered_from is None and _schedule_due(sc, o):
+                        self.set_profile(r.profile, seq_id=s, strength=r.strength)
+                        o.steered_from = len(o.tokens)
+                        keys[s] = _MIXED
+                    step.append((s, [tok], pos[s]))
+                    pos[s] += 1
+                yield StreamEvent(new, outs, not active)
+                if step:
+                    consistent = False
+                    logits = self._decode(step)
+                    for s, toks, _ in step:
+                        fed[s] += toks
+                    consistent = True
+        finally:
+            # remember what the cache holds, for the next reuse_prefix call (not after a failed decode)
+            self._kv = {s: (fed[s], keys[s]) for s in range(len(requests))} if consistent else {}
+
+    def _keep_prefix(self, requests: Sequence[Request], keys: list[object]) -> list[int]:
+        """Per request: how many leading tokens of its sequence's KV cache can stay; the rest is removed."""
+        mem = self._low.llama_get_memory(self.ctx)
+        keep = []
+        for s in range(self.n_seq_max):
+            n = 0
+            if s < len(requests) and s in self._kv and keys[s] is not _MIXED and self._kv[s][1] == keys[s]:
+                cached, toks = self._kv[s][0], requests[s].tokens
+                lim = min(len(cached), len(toks) - 1)  # at least one prompt token is decoded, for its logits
+                while n < lim and cached[n] == toks[n]:
+                    n += 1
+            if not n or not self._low.llama_memory_seq_rm(mem, s, n, -1):
+                self._low.llama_memory_seq_rm(mem, s, -1, -1)
+                n = 0
+            if s < len(requests):
+                keep.append(n)
+        return keep
 
     def generate(self, tokens: Sequence[int], *, profile: SteeringProfile | None = None, max_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, schedule: Schedule | None = None,

@@ -353,8 +353,9 @@ class ChatSession:
             t_first: float | None = None
             n_first = 0
             with self.ctx.recording(_Tee(recorders)):
+                # a chat's earlier turns stay in the KV cache while the steering is unchanged
                 events = self.ctx.stream(requests, temperature=sampling.temperature, top_p=sampling.top_p,
-                                         seed=sampling.seed)
+                                         seed=sampling.seed, reuse_prefix=True)
                 try:
                     for ev in events:
                         now = time.perf_counter()
