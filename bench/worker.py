@@ -48,7 +48,16 @@ WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly j
 def info() -> dict:
     return {"patched": PATCHED, "version": llama_cpp.__version__, "status": _lib.status_line(),
             "system_info": low.llama_print_system_info().decode().strip(),
-            "gpu_offload": bool(low.llama_supports_gpu_offload())}
+            "gpu_offload": bool(_gpu_devices())}
+
+
+def _gpu_devices() -> list:
+    try:  # moe_gguf.offload.gpu_devices reads ggml's device list, which both libraries have
+        from moe_gguf.offload import gpu_devices
+
+        return gpu_devices()
+    except Exception:
+        return []
 
 
 def vm(key: str) -> float:

@@ -107,7 +107,10 @@ def doctor() -> None:
 
     low.llama_backend_init()
     click.echo(f"system          {low.llama_print_system_info().decode().strip()}")
-    click.echo(f"gpu offload     {'yes' if low.llama_supports_gpu_offload() else 'no'}")
+    from moe_gguf.offload import gpu_devices
+
+    gpus = gpu_devices()
+    click.echo(f"gpu             {', '.join(gpus) if gpus else 'none (a CPU build, or no GPU found)'}")
     click.echo(f"rpc             {'yes' if low.llama_supports_rpc() else 'no'}")
     for dev in _devices():
         click.echo(f"device          {dev}")

@@ -84,6 +84,20 @@ def buffer_types() -> dict[str, int]:
     return out
 
 
+def gpu_devices() -> list[str]:
+    """Names of this machine's GPU devices (llama_supports_gpu_offload is also true for a CPU build with the
+    RPC backend, which moe-gguf always builds, so it cannot tell whether a GPU is here)."""
+    from moe_gguf import rpc
+
+    lib = rpc._ggml()
+    out = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        if lib.ggml_backend_dev_type(dev) in (rpc.DEV_GPU, rpc.DEV_IGPU):
+            out.append(lib.ggml_backend_dev_name(dev).decode(errors="replace"))
+    return out
+
+
 def override_array(rules: list[tuple[str, str]]) -> ctypes.Array | None:
     """The NULL-terminated llama_model_tensor_buft_override[] for ``rules`` (None if empty)."""
     if not rules:
