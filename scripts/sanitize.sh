@@ -9,7 +9,7 @@
 # Setup builds a second patched llama-cpp-python with
 #   CMAKE_ARGS="-DLLAMA_SANITIZE_ADDRESS=ON -DLLAMA_SANITIZE_UNDEFINED=ON -DGGML_SANITIZE_ADDRESS=ON -DGGML_SANITIZE_UNDEFINED=ON ..."
 # through moe_gguf.native (its own wheel cache key, since CMAKE_ARGS differ) into .venv-asan (gitignored),
-# ~6 min cold on 2 cores. Python is not instrumented, so libasan/libubsan are LD_PRELOADed. The suite
+# ~22 min cold on 2 cores (1,326 s). Python is not instrumented, so libasan/libubsan are LD_PRELOADed. The suite
 # runs with detect_leaks=0 (CPython leaks by design at exit); the leak run creates, steers, captures and
 # frees a context 1,000 times with detect_leaks=1 and checks that RSS stays flat.
 #
