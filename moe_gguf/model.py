@@ -471,7 +471,8 @@ class SteerContext:
         reuse_prefix: keep the KV cache of the longest prefix request s shares with what the previous
         reuse_prefix stream left in sequence s (a chat's earlier turns), if that was decoded with the same
         steering throughout (no profile, or the same profile and strength on every token); only the rest of
-        the prompt is decoded. A profile applied by a schedule is never reused.
+        the prompt is decoded (so a routing recorder sees only that part). A profile applied by a schedule
+        is never reused.
         """
         if not requests:
             return
