@@ -365,6 +365,7 @@ class SteerContext:
         Refused below the number of experts a profile in use forces in a layer.
         """
         _set_n_expert_used(self.ctx, n, layer)
+        self._kv.clear()  # cached tokens were routed with the old count: no prefix reuse across the change
 
     def n_expert_used(self, layer: int) -> int:
         n = _lib.lib().llama_moe_get_n_expert_used(self.ctx, layer)

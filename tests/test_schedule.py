@@ -114,3 +114,17 @@ def test_chat_turns_reuse_the_prefix_and_match_a_full_recompute(model, profile, 
             assert routed_reused[t] <= n_seq * (8 + 3 + 8)
     else:  # other steering than the cached tokens had: everything decoded again
         assert routed_reused == routed_full
+
+
+def test_changing_experts_per_token_ends_prefix_reuse(model):
+    from moe_gguf.recorder import RoutingRecorder
+
+    topo = model.topology
+    with model.context(n_seq_max=1, n_ctx=512) as ctx:
+        list(ctx.stream([Request(PROMPT, None, 4)], reuse_prefix=True))
+        ctx.set_n_expert_used(1)
+        rec = RoutingRecorder(topo.n_layer, topo.n_expert)
+        with ctx.recording(rec):
+            list(ctx.stream([Request(PROMPT + [5, 6], None, 1)], reuse_prefix=True))
+    assert rec.record.tokens[topo.moe_layers[0]] == len(PROMPT) + 2  # all decoded again, with one expert
+    assert rec.record.selections[topo.moe_layers[0]].sum() == len(PROMPT) + 2
