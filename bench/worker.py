@@ -33,6 +33,7 @@ from llama_cpp import llama_cpp as low  # noqa: E402
 from moe_gguf import _lib  # noqa: E402
 from moe_gguf.cbeval import TopkTap  # noqa: E402
 from moe_gguf.model import MoEModel, Request  # noqa: E402
+from moe_gguf.offload import gpu_devices  # noqa: E402
 from moe_gguf.probe import ProbeItem, probe  # noqa: E402
 from moe_gguf.profile import SteeringProfile  # noqa: E402
 from moe_gguf.recorder import RoutingRecorder  # noqa: E402
@@ -48,16 +49,7 @@ WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly j
 def info() -> dict:
     return {"patched": PATCHED, "version": llama_cpp.__version__, "status": _lib.status_line(),
             "system_info": low.llama_print_system_info().decode().strip(),
-            "gpu_offload": bool(_gpu_devices())}
-
-
-def _gpu_devices() -> list:
-    try:  # moe_gguf.offload.gpu_devices reads ggml's device list, which both libraries have
-        from moe_gguf.offload import gpu_devices
-
-        return gpu_devices()
-    except Exception:
-        return []
+            "gpu_offload": bool(gpu_devices())}  # ggml's device list: both libraries have it
 
 
 def vm(key: str) -> float:

@@ -117,24 +117,12 @@ def doctor() -> None:
 
 
 def _devices() -> list[str]:
-    import ctypes
+    from moe_gguf import _ggml
 
-    from llama_cpp import llama_cpp as low
-
-    lib = low._lib
     try:
-        lib.ggml_backend_dev_count.restype = ctypes.c_size_t
-        lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-        lib.ggml_backend_dev_get.restype = ctypes.c_void_p
-        lib.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
-        lib.ggml_backend_dev_name.restype = ctypes.c_char_p
-        lib.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
-        lib.ggml_backend_dev_description.restype = ctypes.c_char_p
-        out = []
-        for i in range(lib.ggml_backend_dev_count()):
-            d = lib.ggml_backend_dev_get(i)
-            out.append(f"{lib.ggml_backend_dev_name(d).decode()}: {lib.ggml_backend_dev_description(d).decode()}")
-        return out
+        lib = _ggml.lib()
+        return [f"{_ggml.name(d)}: {lib.ggml_backend_dev_description(d).decode(errors='replace')}"
+                for d in _ggml.devices()]
     except AttributeError:
         return ["(device listing not exported by this build)"]
 

@@ -582,7 +582,7 @@ class SteerContext:
     @property
     def ctx(self):
         """The llama_context pointer; ContextClosedError once this context or its model is closed."""
-        if self._ctx is None or not self.model._contexts.is_open(self._key):
+        if self.closed:
             raise ContextClosedError("this context (or its model) was closed; make a new one with model.context()")
         return self._ctx
 

@@ -63,21 +63,11 @@ class Placement:
 
 def buffer_types() -> dict[str, int]:
     """Buffer type name -> ggml_backend_buffer_type_t of every device (and its host buffer type)."""
-    from llama_cpp import llama_cpp as low
+    from moe_gguf import _ggml
 
-    low.llama_backend_init()
-    lib = low._lib
-    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
-    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
-    for fn in ("ggml_backend_dev_buffer_type", "ggml_backend_dev_host_buffer_type"):
-        getattr(lib, fn).argtypes = [ctypes.c_void_p]
-        getattr(lib, fn).restype = ctypes.c_void_p
-    lib.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_buft_name.restype = ctypes.c_char_p
+    lib = _ggml.lib()
     out: dict[str, int] = {}
-    for i in range(lib.ggml_backend_dev_count()):
-        dev = lib.ggml_backend_dev_get(i)
+    for dev in _ggml.devices():
         for buft in (lib.ggml_backend_dev_buffer_type(dev), lib.ggml_backend_dev_host_buffer_type(dev)):
             if buft:
                 out.setdefault(lib.ggml_backend_buft_name(buft).decode(), buft)
@@ -87,15 +77,10 @@ def buffer_types() -> dict[str, int]:
 def gpu_devices() -> list[str]:
     """Names of this machine's GPU devices (llama_supports_gpu_offload is also true for a CPU build with the
     RPC backend, which moe-gguf always builds, so it cannot tell whether a GPU is here)."""
-    from moe_gguf import rpc
+    from moe_gguf import _ggml
 
-    lib = rpc._ggml()
-    out = []
-    for i in range(lib.ggml_backend_dev_count()):
-        dev = lib.ggml_backend_dev_get(i)
-        if lib.ggml_backend_dev_type(dev) in (rpc.DEV_GPU, rpc.DEV_IGPU):
-            out.append(lib.ggml_backend_dev_name(dev).decode(errors="replace"))
-    return out
+    lib = _ggml.lib()
+    return [_ggml.name(d) for d in _ggml.devices() if lib.ggml_backend_dev_type(d) in (_ggml.DEV_GPU, _ggml.DEV_IGPU)]
 
 
 def override_array(rules: list[tuple[str, str]]) -> ctypes.Array | None:

@@ -22,8 +22,8 @@ import struct
 import sys
 from dataclasses import dataclass
 
-# ggml-backend.h: enum ggml_backend_dev_type
-DEV_CPU, DEV_GPU, DEV_IGPU, DEV_ACCEL = 0, 1, 2, 3
+from moe_gguf import _ggml
+from moe_gguf._ggml import DEV_ACCEL, DEV_CPU, DEV_GPU, DEV_IGPU
 
 # ggml-rpc.cpp: the HELLO exchange (checked here first: ggml aborts the process when a server is unreachable)
 RPC_CMD_HELLO = 14
@@ -89,35 +89,8 @@ def probe(endpoint: str, timeout: float = 10.0) -> tuple[int, int, int]:
     return version
 
 
-def _ggml():
-    """libllama's handle; dlsym on it also finds the ggml symbols of the libraries it links."""
-    from llama_cpp import llama_cpp as low
-
-    low.llama_backend_init()
-    lib = low._lib
-    if getattr(lib, "_moe_gguf_rpc_types", False):
-        return lib
-    vp, sz = ctypes.c_void_p, ctypes.c_size_t
-    for name, args, res in (
-        ("ggml_backend_reg_by_name", [ctypes.c_char_p], vp),
-        ("ggml_backend_reg_get_proc_address", [vp, ctypes.c_char_p], vp),
-        ("ggml_backend_reg_dev_count", [vp], sz),
-        ("ggml_backend_reg_dev_get", [vp, sz], vp),
-        ("ggml_backend_dev_count", [], sz),
-        ("ggml_backend_dev_get", [sz], vp),
-        ("ggml_backend_dev_type", [vp], ctypes.c_int),
-        ("ggml_backend_dev_name", [vp], ctypes.c_char_p),
-        ("ggml_backend_dev_description", [vp], ctypes.c_char_p),
-        ("ggml_backend_dev_memory", [vp, ctypes.POINTER(sz), ctypes.POINTER(sz)], None),
-    ):
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, res
-    lib._moe_gguf_rpc_types = True
-    return lib
-
-
 def _rpc_fn(name: str, restype, argtypes):
-    lib = _ggml()
+    lib = _ggml.lib()
     reg = lib.ggml_backend_reg_by_name(b"RPC")
     if not reg:
         raise RPCError("this llama-cpp-python build has no RPC backend; rebuild it with "
@@ -132,7 +105,7 @@ def _rpc_fn(name: str, restype, argtypes):
 def available() -> bool:
     """True if the installed library was built with the RPC backend."""
     try:
-        return bool(_ggml().ggml_backend_reg_by_name(b"RPC"))
+        return bool(_ggml.lib().ggml_backend_reg_by_name(b"RPC"))
     except (ImportError, OSError, AttributeError):
         return False
 
@@ -159,7 +132,7 @@ def connect(endpoints: list[str]) -> list[int]:
             raise RPCError(f"RPC server {ep!r} is given twice")
         seen.add(ep.strip())
     add_server = _rpc_fn("ggml_backend_rpc_add_server", ctypes.c_void_p, [ctypes.c_char_p])
-    lib = _ggml()
+    lib = _ggml.lib()
     for ep in endpoints:
         # only before the first connection: ggml then keeps one per endpoint, and a server serves one
         # client at a time, so probing again while this process holds a model there would wait for it
@@ -183,25 +156,22 @@ def device_list(endpoints: list[str]) -> ctypes.Array:
     keeps other models in the same process on local devices only. The array must outlive the model.
     """
     devs = connect(endpoints)
-    lib = _ggml()
-    for i in range(lib.ggml_backend_dev_count()):
-        dev = lib.ggml_backend_dev_get(i)
-        if lib.ggml_backend_dev_type(dev) in (DEV_GPU, DEV_IGPU):
-            devs.append(dev)
+    lib = _ggml.lib()
+    devs += [d for d in _ggml.devices() if lib.ggml_backend_dev_type(d) in (DEV_GPU, DEV_IGPU)]
     arr = (ctypes.c_void_p * (len(devs) + 1))(*devs, None)
     return arr
 
 
 def describe(endpoints: list[str]) -> list[Device]:
     """Name, description and memory of each server's devices."""
-    lib = _ggml()
+    lib = _ggml.lib()
     return [_describe(lib, d) for d in connect(endpoints)]
 
 
 def local_devices(names: list[str] | None = None) -> list[int]:
     """The devices a server on this machine exposes: the named ones, else every GPU, else the CPU."""
-    lib = _ggml()
-    all_devs = [lib.ggml_backend_dev_get(i) for i in range(lib.ggml_backend_dev_count())]
+    lib = _ggml.lib()
+    all_devs = _ggml.devices()
     if names:
         by_name = {lib.ggml_backend_dev_name(d).decode(): d for d in all_devs}
         missing = [n for n in names if n not in by_name]
