@@ -47,3 +47,20 @@ def synth_model(model_dir):
         return _cache[key]
 
     return make
+
+
+def write_dense_gguf(path: Path) -> Path:
+    """A tiny dense (no experts) llama GGUF, which moe-gguf must refuse clearly."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_embedding_length(8)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.add_tensor("blk.0.ffn_up.weight", np.zeros((8, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -6,14 +6,14 @@ import ctypes
 import json
 import math
 
-import gguf
-import numpy as np
 import pytest
 
 from moe_gguf import _lib
 from moe_gguf.errors import ModelFileError, ModelMismatchError, NotMoEError, ProfileError
 from moe_gguf.model import MoEModel
 from moe_gguf.profile import SteeringProfile
+
+from .conftest import write_dense_gguf
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +59,7 @@ def test_c_api_rejects_every_bad_argument(model):
 
 
 def test_dense_model_is_refused(tmp_path):
-    path = tmp_path / "dense.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(1)
-    w.add_embedding_length(8)
-    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
-    w.add_tensor("blk.0.ffn_up.weight", np.zeros((8, 8), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = write_dense_gguf(tmp_path / "dense.gguf")
     with pytest.raises(NotMoEError, match="dense.gguf"):
         MoEModel(path)
 

@@ -27,6 +27,8 @@ from tui.widgets.message import CompareView, code_blocks, visible
 from tui.widgets.steering import SteeringPanel
 from tui.widgets.tokens import TokenInspector
 
+from .conftest import write_dense_gguf
+
 SIZE = (120, 40)
 
 
@@ -795,18 +797,7 @@ async def test_missing_model_then_open_a_good_one(model_path, dirs):
 
 @pytest.mark.asyncio
 async def test_non_moe_model_is_refused_in_the_ui(dirs):
-    import gguf
-
-    path = dirs / "dense.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(1)
-    w.add_embedding_length(8)
-    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
-    w.add_tensor("blk.0.ffn_up.weight", np.zeros((8, 8), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = write_dense_gguf(dirs / "dense.gguf")
     app = make_app(path)
     async with app.run_test(size=SIZE) as pilot:
         await wait_ready(pilot)
