@@ -79,7 +79,7 @@ def log(msg: str) -> None:
 
 def ensure_model(spec: str, py: Path) -> tuple[Path, str]:
     """'preset:n_layer:dtype' -> (cached GGUF under bench/models, table label)."""
-    from moe_gguf.synth import PRESETS
+    from moe_gguf.formats.synth import PRESETS
 
     preset, n_layer, dtype = (spec.split(":") + ["", ""])[:3]
     n_layer, dtype = int(n_layer or 4), dtype or "q4_0"
@@ -87,7 +87,7 @@ def ensure_model(spec: str, py: Path) -> tuple[Path, str]:
     label = f"{preset} shape, {n_layer} of {PRESETS[preset].n_layer} layers, {dtype}"
     if not path.exists():
         log(f"writing {path.name} ({label})")
-        code = ("import sys; from moe_gguf.synth import resolve_spec, write_gguf; "
+        code = ("import sys; from moe_gguf.formats.synth import resolve_spec, write_gguf; "
                 "write_gguf(resolve_spec(sys.argv[1], n_layer=int(sys.argv[2])), sys.argv[3], dtype=sys.argv[4], "
                 "name='synth-' + sys.argv[1])")
         tmp = path.with_name(path.name + ".part")
@@ -137,7 +137,7 @@ def worker_info(py: Path) -> dict:
 
 
 def bench_model(path: Path, label: str, pys: dict, reps: int, ngl: int, threads: int | None, gpu: bool) -> dict:
-    from moe_gguf.topology import ModelTopology
+    from moe_gguf.formats.topology import ModelTopology
 
     topo = ModelTopology.from_gguf(path)
     log(f"\n== {label}: loading in both environments")
@@ -171,9 +171,9 @@ def bench_model(path: Path, label: str, pys: dict, reps: int, ngl: int, threads:
 
 
 def pruned_models(path: Path) -> dict[str, Path]:
-    """The model and copies with 25% / 50% of each layer's experts removed (moe_gguf.prune, cached)."""
-    from moe_gguf.prune import prune_gguf
-    from moe_gguf.topology import ModelTopology
+    """The model and copies with 25% / 50% of each layer's experts removed (moe_gguf.formats.prune, cached)."""
+    from moe_gguf.formats.prune import prune_gguf
+    from moe_gguf.formats.topology import ModelTopology
 
     topo = ModelTopology.from_gguf(path)
     out = {"unpruned": path}

@@ -30,14 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llama_cpp  # noqa: E402
 from llama_cpp import llama_cpp as low  # noqa: E402
 
-from moe_gguf import _lib  # noqa: E402
-from moe_gguf.cbeval import TopkTap  # noqa: E402
-from moe_gguf.model import MoEModel, Request  # noqa: E402
-from moe_gguf.offload import gpu_devices  # noqa: E402
-from moe_gguf.probe import ProbeItem, probe  # noqa: E402
-from moe_gguf.profile import SteeringProfile  # noqa: E402
-from moe_gguf.recorder import RoutingRecorder  # noqa: E402
-from moe_gguf.topology import ModelTopology  # noqa: E402
+from moe_gguf.engine import _lib  # noqa: E402
+from moe_gguf.engine.cbeval import TopkTap  # noqa: E402
+from moe_gguf.engine.context import Request  # noqa: E402
+from moe_gguf.engine.model import MoEModel  # noqa: E402
+from moe_gguf.engine.offload import gpu_devices  # noqa: E402
+from moe_gguf.formats.profile import SteeringProfile  # noqa: E402
+from moe_gguf.formats.records import RoutingRecorder  # noqa: E402
+from moe_gguf.formats.topology import ModelTopology  # noqa: E402
+from moe_gguf.study.probe import ProbeItem, probe  # noqa: E402
 
 PATCHED = _lib.STATUS.ok
 N_CTX = 1024

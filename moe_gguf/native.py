@@ -21,31 +21,43 @@ import tempfile
 import time
 from pathlib import Path
 
+from moe_gguf.errors import NativeBuildError  # noqa: F401  (re-exported)
+
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 PATCH_API_VERSION = 2  # LLAMA_MOE_STEER_API_VERSION in the patched llama.h
 
-PATCH_FILE = Path(__file__).resolve().parent.parent / "native" / f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}.patch"
+PATCH_NAME = f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}.patch"
 
 # -DLLAVA_BUILD=OFF: what moe-gguf does not need; -DGGML_RPC=ON: llama.cpp's RPC backend, for models spread
-# over several machines (moe_gguf.rpc). CMAKE_ARGS given by the user come after and win.
+# over several machines (moe_gguf.engine.rpc). CMAKE_ARGS given by the user come after and win.
 DEFAULT_CMAKE_ARGS = ["-DLLAVA_BUILD=OFF", "-DGGML_RPC=ON"]
 
 FIX_COMMAND = "python -m moe_gguf.native build"
 
-
-class NativeBuildError(RuntimeError):
-    """The patched llama-cpp-python could not be built or installed."""
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("MOE_GGUF_CACHE", Path.home() / ".cache" / "moe-gguf"))
 
 
+def patch_dir() -> Path:
+    """The folder of the llama.cpp patch: the repo's native/, installed as the package data moe_gguf._native."""
+    from importlib.resources import files
+
+    try:
+        folder = Path(str(files("moe_gguf._native")))
+    except ModuleNotFoundError:  # a source tree not installed: moe_gguf/ beside native/
+        folder = Path(__file__).resolve().parent.parent / "native"
+    return folder
+
+
 def patch_path() -> Path:
-    if not PATCH_FILE.is_file():
-        raise NativeBuildError(f"patch file not found: {PATCH_FILE} (is this a complete moe-gguf checkout?)")
-    return PATCH_FILE
+    path = patch_dir() / PATCH_NAME
+    if not path.is_file():
+        raise NativeBuildError(f"patch file not found: {path}; reinstall moe-gguf (pip install <checkout or wheel>), "
+                               "whose package data moe_gguf._native holds it")
+    return path
 
 
 def cmake_args() -> list[str]:
@@ -191,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             print(build_key())
             return 0
         if cmd == "status":
-            from moe_gguf import _lib
+            from moe_gguf.engine import _lib
 
             print(_lib.status_line())
             return 0

@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/moe-gguf info moe_gguf/data/moe-gguf-refusal-demo-q8_0.gguf
+.venv/bin/moe-gguf info moe_gguf/demo/data/moe-gguf-refusal-demo-q8_0.gguf
 .venv/bin/moe-gguf demo -o out/demo --json out/demo/summary.json "$@"

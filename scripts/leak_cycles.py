@@ -30,9 +30,10 @@ def rss_kib() -> int:
 def run(model_path: str | Path, *, cycles: int = 1000, warmup: int = 50, log=None) -> dict:
     import numpy as np
 
-    from moe_gguf.model import DecodeError, MoEModel
-    from moe_gguf.profile import SteeringProfile
-    from moe_gguf.recorder import RoutingRecorder
+    from moe_gguf.engine.model import MoEModel
+    from moe_gguf.errors import DecodeError
+    from moe_gguf.formats.profile import SteeringProfile
+    from moe_gguf.formats.records import RoutingRecorder
 
     model = MoEModel(model_path, n_ctx=256, n_threads=2)
     topo = model.topology
@@ -87,14 +88,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = a.model
         if path is None:
-            from moe_gguf.synth import PRESETS, write_gguf
+            from moe_gguf.formats.synth import PRESETS, write_gguf
 
             path = write_gguf(PRESETS["tiny-qwen3moe"], Path(tmp) / "tiny-qwen3moe.gguf")
         res = run(path, cycles=a.cycles, warmup=min(a.warmup, a.cycles), log=lambda m: print(m, file=sys.stderr))
         if a.canary:
             from llama_cpp import llama_cpp as low
 
-            from moe_gguf.model import MoEModel
+            from moe_gguf.engine.model import MoEModel
 
             m = MoEModel(path, n_ctx=64, n_threads=1)
             params = low.llama_context_default_params()

@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[dev]'
-if ! .venv/bin/python -c 'import sys; from moe_gguf import _lib, native; sys.exit(0 if _lib.STATUS.ok and not native.needs_rebuild() else 1)' 2>/dev/null; then
+# pip's build notices go to a log, shown only if the install fails
+.venv/bin/python -m pip install -q -e '.[dev]' > .venv/pip-install.log 2>&1 || { cat .venv/pip-install.log; exit 1; }
+if ! .venv/bin/python -c 'import sys; from moe_gguf import native; from moe_gguf.engine import _lib; sys.exit(0 if _lib.STATUS.ok and not native.needs_rebuild() else 1)' 2>/dev/null; then
   .venv/bin/python -m moe_gguf.native build
 fi

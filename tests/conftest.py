@@ -1,4 +1,8 @@
-"""Shared fixtures: synthetic MoE GGUFs made once per session (seconds), the real patched library."""
+"""Shared fixtures: synthetic MoE GGUFs made once per session (seconds), the real patched library.
+
+Test modules that need the patched llama.cpp say so with ``pytestmark = pytest.mark.native``; the rest (file
+formats, profiles, ranking maths, datasets) run without it: ``pytest -m "not native"`` needs no native build.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from moe_gguf import _lib
-
 ARCHS = ("qwen3moe", "mixtral", "deepseek2", "gpt-oss")
 DTYPES = ("f32", "q8_0")
 
 
+@pytest.hookimpl(trylast=True)  # after -m has deselected: pure runs never load llama.cpp
 def pytest_collection_modifyitems(config, items):
+    if not any("native" in item.keywords for item in items):
+        return  # pure tests only: llama.cpp is not loaded at all
+    from moe_gguf.engine import _lib
+
     if not _lib.STATUS.ok:
-        raise pytest.UsageError(f"moe-gguf tests need the patched llama-cpp-python: {_lib.STATUS.error}")
+        raise pytest.UsageError(f"these tests need the patched llama-cpp-python: {_lib.STATUS.error} "
+                                "(or run only the pure tests: pytest -m 'not native')")
     gpu = _gpu_available()
     for item in items:
         if "gpu" in item.keywords and not gpu:
@@ -22,7 +30,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _gpu_available() -> bool:
-    from moe_gguf.offload import gpu_devices
+    from moe_gguf.engine.offload import gpu_devices
 
     return bool(gpu_devices())  # not llama_supports_gpu_offload: true for any build with the RPC backend
 
@@ -38,7 +46,7 @@ _cache: dict[tuple[str, str], Path] = {}
 @pytest.fixture(scope="session")
 def synth_model(model_dir):
     """synth_model(arch, dtype) -> path of a tiny synthetic model, written once per session."""
-    from moe_gguf.synth import PRESETS, write_gguf
+    from moe_gguf.formats.synth import PRESETS, write_gguf
 
     def make(arch: str, dtype: str = "f32") -> Path:
         key = (arch, dtype)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import sys
 
+from moe_gguf.engine.model import MoEModel
 from moe_gguf.errors import ModelFileError
-from moe_gguf.model import MoEModel
 
 
 def check(path: str) -> str:

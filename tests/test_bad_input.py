@@ -8,10 +8,10 @@ import math
 
 import pytest
 
-from moe_gguf import _lib
+from moe_gguf.engine import _lib
+from moe_gguf.engine.model import MoEModel
 from moe_gguf.errors import ModelFileError, ModelMismatchError, NotMoEError, ProfileError
-from moe_gguf.model import MoEModel
-from moe_gguf.profile import SteeringProfile
+from moe_gguf.formats.profile import SteeringProfile
 
 from .conftest import write_dense_gguf
 
@@ -27,6 +27,7 @@ def _arr(ctype, values):
     return (ctype * len(values))(*values)
 
 
+@pytest.mark.native
 def test_c_api_rejects_every_bad_argument(model):
     lib = _lib.lib()
     topo = model.topology
@@ -74,6 +75,7 @@ def test_missing_and_corrupt_model_files(tmp_path, synth_model):
         MoEModel(cut)
 
 
+@pytest.mark.native
 def test_out_of_range_profiles_are_refused_before_the_library(model):
     topo = model.topology
     for bad in (SteeringProfile.for_model(topo).disable(topo.n_layer, 0),
@@ -88,6 +90,7 @@ def test_out_of_range_profiles_are_refused_before_the_library(model):
         model.steer(too_many)
 
 
+@pytest.mark.native
 def test_profile_for_another_model_is_refused(model, synth_model):
     other = MoEModel(synth_model("mixtral", "f32"), n_ctx=128, n_threads=2)
     try:

@@ -11,15 +11,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 
+@pytest.mark.native
 def test_profiles_fit_the_model(synth_model):
     from worker import bench_profile
 
-    from moe_gguf.topology import ModelTopology
+    from moe_gguf.formats.topology import ModelTopology
 
     topo = ModelTopology.from_gguf(synth_model("qwen3moe"))  # 2 layers, 8 experts, top-2
     for n, expect in ((10, 10), (100, 2 * (1 + 6))):  # per layer: force 1, disable 6
@@ -29,6 +31,7 @@ def test_profiles_fit_the_model(synth_model):
         assert {e.action for e in p.entries} == {"disable", "force"}
 
 
+@pytest.mark.native
 def test_worker_serves_every_case(synth_model, tmp_path):
     model = synth_model("qwen3moe")
     requests = [{"case": "logits", "out": str(tmp_path / "l.npy")}, {"case": "pp", "steer": "p10"},
@@ -61,7 +64,6 @@ def test_figures_are_ratios():
     assert figs["pp512_none"]["mem_met"] is True  # +0.5%
     assert figs["ab_tg"]["ratio"] == 2.0 and figs["ab_tg"]["met"] is True
     assert figs["pp512_cbeval"]["met"] is None
-    assert all("ratio" in k for f in figs.values() for k in f if k.endswith("ratio"))
     assert "| pp512, no profile |" in run.table({"models": {"m": {"label": "m", "logits": {"bit_identical": True},
                                                                     "figures": figs}}})
 
@@ -71,7 +73,7 @@ def test_prune_figures_and_copies(synth_model, tmp_path, monkeypatch):
 
     monkeypatch.setattr(run, "MODELS_DIR", tmp_path)
     files = run.pruned_models(synth_model("qwen3moe"))  # 8 experts: 2 and 4 removed per layer
-    from moe_gguf.topology import ModelTopology
+    from moe_gguf.formats.topology import ModelTopology
 
     assert [ModelTopology.from_gguf(f).n_expert for f in files.values()] == [8, 6, 4]
     samples = {f"{n}-{c}": [{"tps": {"unpruned": 100.0, "pruned25": 110.0, "pruned50": 125.0}[n], "mem_mib": 10.0}]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from moe_gguf.cli import main
+from moe_gguf.formats.profile import SteeringProfile
+from moe_gguf.formats.topology import ModelTopology
 from moe_gguf.native import PATCH_API_VERSION
-from moe_gguf.profile import SteeringProfile
-from moe_gguf.topology import ModelTopology
+
+pytestmark = pytest.mark.native  # every test here runs the patched llama.cpp
 
 
 def test_info(synth_model):

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from moe_gguf import dataset as ds
+from moe_gguf.demo import dataset as ds
 
 
 @pytest.fixture(scope="module")

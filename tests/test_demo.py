@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from moe_gguf import dataset as D
-from moe_gguf.demo import acceptance, run_demo
-from moe_gguf.demo_model import default_model_path
-from moe_gguf.evaluate import EvalItem, JudgeConfig, evaluate
-from moe_gguf.model import MoEModel
-from moe_gguf.profile import SteeringProfile
+from moe_gguf.demo import dataset as D
+from moe_gguf.demo.model import default_model_path
+from moe_gguf.demo.run import acceptance, run_demo
+from moe_gguf.engine.model import MoEModel
+from moe_gguf.formats.profile import SteeringProfile
+from moe_gguf.study.evaluate import EvalItem, JudgeConfig, evaluate
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +19,7 @@ def demo(tmp_path_factory):
                     n_causal=12, n_random=3, log=lambda m: None)
 
 
+@pytest.mark.native
 def test_refusals_turn_into_correct_answers(demo):
     js = demo.summary
     assert js["baseline_refusal_rate"] >= 0.9
@@ -31,6 +32,7 @@ def test_refusals_turn_into_correct_answers(demo):
     assert set(acceptance(js)) == set(demo.checks)
 
 
+@pytest.mark.native
 def test_the_judge_counts_a_broken_model_as_degenerate_not_as_success():
     """Counter-case: disabling most experts of layer 0 ends the refusals too — by breaking the model."""
     with MoEModel(default_model_path(), n_ctx=1024) as m:

@@ -8,10 +8,10 @@ import re
 import numpy as np
 import pytest
 
-from moe_gguf.evaluate import EvalItem, JudgeConfig, evaluate, forced_like, judge, random_like, repeat_fraction
-from moe_gguf.model import MoEModel
-from moe_gguf.profile import SteeringProfile
-from moe_gguf.topology import ModelTopology
+from moe_gguf.engine.model import MoEModel
+from moe_gguf.formats.profile import SteeringProfile
+from moe_gguf.formats.topology import ModelTopology
+from moe_gguf.study.evaluate import EvalItem, JudgeConfig, evaluate, forced_like, judge, random_like, repeat_fraction
 
 CFG = JudgeConfig(
     refusal_patterns=[re.compile(r"\bI\s+can't\s+help\b", re.I), re.compile(r"\bassist\b", re.I)],
@@ -54,6 +54,7 @@ def test_control_profiles_match_the_profile_shape():
     assert [(e.layer, e.expert, e.action) for e in f.entries] == [(1, 3, "force"), (1, 4, "force"), (3, 0, "force")]
 
 
+@pytest.mark.native
 def test_evaluate_runs_every_condition_in_shared_batches(synth_model):
     with MoEModel(synth_model("qwen3moe", "q8_0"), n_ctx=512, n_threads=2) as m:
         topo = m.topology

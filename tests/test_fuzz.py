@@ -33,14 +33,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moe_gguf import _lib
+from moe_gguf.engine import _lib
+from moe_gguf.engine.model import MoEModel
 from moe_gguf.errors import CountFileError, ModelFileError, ProfileError
-from moe_gguf.model import MoEModel
-from moe_gguf.probe import ProbeInputError, ProbeItem, ProbeResult, dataset_hash, load_jsonl
-from moe_gguf.profile import FORMAT as PROFILE_FORMAT
-from moe_gguf.profile import SteeringProfile
-from moe_gguf.recorder import RoutingRecord
-from moe_gguf.topology import ModelTopology
+from moe_gguf.formats.profile import FORMAT as PROFILE_FORMAT
+from moe_gguf.formats.profile import SteeringProfile
+from moe_gguf.formats.records import RoutingRecord
+from moe_gguf.formats.topology import ModelTopology
+from moe_gguf.study.probe import ProbeInputError, ProbeItem, ProbeResult, dataset_hash, load_jsonl
 
 N = int(os.environ.get("MOE_GGUF_FUZZ_EXAMPLES", "200"))  # inputs per target
 FULL = "MOE_GGUF_FUZZ_EXAMPLES" in os.environ
@@ -671,6 +671,7 @@ def c_api(request, synth_model):
     model.close()
 
 
+@pytest.mark.native
 def test_fuzz_c_api(c_api):
     topo = c_api.topo
 
@@ -736,6 +737,7 @@ def _header_end(path: Path) -> int:
     return int(GGUFReader(path).data_offset)
 
 
+@pytest.mark.native
 @pytest.mark.parametrize("arch", ["qwen3moe", "mixtral", "deepseek2", "gpt-oss"])
 def test_fuzz_corrupted_gguf(synth_model, tmp_path, arch):
     """Truncated files and byte flips in the header and metadata: ModelFileError or a model that works."""
@@ -787,7 +789,7 @@ def test_fuzz_corrupted_gguf(synth_model, tmp_path, arch):
 
 def test_labels_that_cannot_be_saved_are_refused_up_front(tmp_path):
     """Bug found: a label with a NUL (or over 65,535 bytes) was saved, then the count file could not be read."""
-    from moe_gguf.probe import parse_item
+    from moe_gguf.study.probe import parse_item
 
     for label in ("a\x00b", "x" * 1001, "x" * 70000):
         with pytest.raises(ProbeInputError, match="'label' must be at most 1000 characters"):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moe_gguf import _lib
-from moe_gguf.model import MoEModel
-from moe_gguf.offload import OffloadError, Placement
-from moe_gguf.profile import SteeringProfile
-from moe_gguf.recorder import RoutingRecorder
+from moe_gguf.engine import _lib
+from moe_gguf.engine.model import MoEModel
+from moe_gguf.engine.offload import OffloadError, Placement
+from moe_gguf.formats.profile import SteeringProfile
+from moe_gguf.formats.records import RoutingRecorder
+
+pytestmark = pytest.mark.native  # every test here runs the patched llama.cpp
 
 PROMPT = list(range(50, 82))
 

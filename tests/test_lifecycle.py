@@ -10,8 +10,11 @@ import gc
 
 import pytest
 
-from moe_gguf.model import ContextClosedError, MoEModel
-from moe_gguf.profile import SteeringProfile
+from moe_gguf.engine.model import MoEModel
+from moe_gguf.errors import ContextClosedError
+from moe_gguf.formats.profile import SteeringProfile
+
+pytestmark = pytest.mark.native  # every test here runs the patched llama.cpp
 
 
 @pytest.fixture
@@ -58,7 +61,7 @@ def test_model_and_context_in_one_garbage_cycle():
     import tempfile
     from pathlib import Path
 
-    from moe_gguf.synth import PRESETS, write_gguf
+    from moe_gguf.formats.synth import PRESETS, write_gguf
 
     with tempfile.TemporaryDirectory() as d:
         path = write_gguf(PRESETS["tiny-qwen3moe"], Path(d) / "m.gguf", dtype="f32")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 
-from moe_gguf import _lib, native
+from moe_gguf import native
+from moe_gguf.engine import _lib
 
 
+@pytest.mark.native
 def test_loaded_library_carries_the_patch():
     assert _lib.STATUS.ok, _lib.STATUS.error
     assert _lib.STATUS.llama_cpp_version == native.LLAMA_CPP_PYTHON_VERSION
@@ -41,6 +41,23 @@ def test_sdist_with_wrong_checksum_is_refused(tmp_path, monkeypatch):
     assert not bad.exists()  # removed, so the next build downloads it again
 
 
-def test_pinned_checksum_is_a_sha256():
-    assert len(native.SDIST_SHA256) == 64 and int(native.SDIST_SHA256, 16) >= 0
-    assert hashlib.sha256(b"").hexdigest() != native.SDIST_SHA256
+def test_build_key_follows_cmake_args_and_patch(monkeypatch, tmp_path):
+    """A wheel built with other CMAKE_ARGS or another patch is never reused from the cache."""
+    monkeypatch.delenv("CMAKE_ARGS", raising=False)
+    plain = native.build_key()
+    monkeypatch.setenv("CMAKE_ARGS", "-DGGML_CUDA=on")
+    assert native.build_key() != plain
+    monkeypatch.delenv("CMAKE_ARGS")
+    assert native.build_key() == plain
+    patched = tmp_path / native.PATCH_NAME
+    patched.write_bytes(native.patch_path().read_bytes() + b"\n")
+    monkeypatch.setattr(native, "patch_dir", lambda: tmp_path)
+    assert native.build_key() != plain
+
+
+def test_patch_ships_inside_the_package():
+    """pip install (not only a checkout) carries the patch: it is package data of moe_gguf._native."""
+    from importlib.resources import files
+
+    assert (files("moe_gguf._native") / native.PATCH_NAME).is_file()
+    assert native.patch_path().read_bytes().startswith(b"diff --git")

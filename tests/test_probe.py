@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from moe_gguf.model import MoEModel
-from moe_gguf.probe import ProbeInputError, ProbeResult, load_jsonl, parse_item, probe
+from moe_gguf.engine.model import MoEModel
+from moe_gguf.study.probe import ProbeInputError, ProbeResult, load_jsonl, parse_item, probe
 
 ITEMS = [parse_item({"prompt": f"request number {i} about topic {i % 3}", "label": "a" if i % 2 else "b",
                      "response": f"answer {i}", "pair_id": i // 2}, where="test") for i in range(10)]
@@ -21,6 +21,7 @@ def model(synth_model):
     m.close()
 
 
+@pytest.mark.native
 def test_counts_per_label_and_item(model):
     res = probe(model, ITEMS, n_seq=4)
     topo = model.topology
@@ -34,11 +35,13 @@ def test_counts_per_label_and_item(model):
     assert (res.item_maps[:, layer].sum(1) == res.item_tokens[:, layer] * topo.n_expert_used).all()
 
 
+@pytest.mark.native
 def test_batching_does_not_change_counts(model):
     a, b = probe(model, ITEMS, n_seq=1), probe(model, ITEMS, n_seq=5)
     np.testing.assert_array_equal(a.item_maps, b.item_maps)
 
 
+@pytest.mark.native
 def test_token_modes_count_different_tokens(model):
     p = probe(model, ITEMS[:4], token_mode="prompt")
     r = probe(model, ITEMS[:4], token_mode="response")
@@ -50,6 +53,7 @@ def test_token_modes_count_different_tokens(model):
     assert (p.item_tokens[:, layer] > r.item_tokens[:, layer]).all()
 
 
+@pytest.mark.native
 def test_interrupted_probe_resumes_to_the_exact_counts(model, tmp_path):
     full = probe(model, ITEMS, n_seq=3)
     out = tmp_path / "p.npz"
@@ -73,6 +77,7 @@ def test_interrupted_probe_resumes_to_the_exact_counts(model, tmp_path):
     assert len(other.item_labels) == 2
 
 
+@pytest.mark.native
 def test_merge_of_parts_equals_the_whole(model, tmp_path):
     whole = probe(model, ITEMS)
     parts = probe(model, ITEMS[:4]) + probe(model, ITEMS[4:])
@@ -98,6 +103,7 @@ def test_bad_jsonl_names_file_and_line(tmp_path):
         load_jsonl(p)
 
 
+@pytest.mark.native
 def test_response_mode_needs_responses(model):
     with pytest.raises(ProbeInputError, match="response"):
         probe(model, [parse_item({"prompt": "x", "label": "a"}, where="t")], token_mode="response")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from moe_gguf.errors import ModelMismatchError, ProfileError
-from moe_gguf.profile import Schedule, SteeringEntry, SteeringProfile
-from moe_gguf.topology import ModelTopology
+from moe_gguf.formats.profile import Schedule, SteeringEntry, SteeringProfile
+from moe_gguf.formats.topology import ModelTopology
 
 EXAMPLE = {
     "format": "moe-gguf-profile", "version": 1,

@@ -17,14 +17,14 @@ import gguf
 import numpy as np
 import pytest
 
-from moe_gguf import prune as prune_mod
+from moe_gguf.engine.model import MoEModel
 from moe_gguf.errors import CountFileError, FileWriteError, ProfileError
-from moe_gguf.model import MoEModel
-from moe_gguf.profile import SteeringProfile
-from moe_gguf.prune import PruneError, load_counts, main_prune, plan_prune, prune_gguf
-from moe_gguf.recorder import RoutingRecord, RoutingRecorder
-from moe_gguf.synth import SynthSpec, write_gguf
-from moe_gguf.topology import ModelTopology
+from moe_gguf.formats import prune as prune_mod
+from moe_gguf.formats.profile import SteeringProfile
+from moe_gguf.formats.prune import PruneError, load_counts, main_prune, plan_prune, prune_gguf
+from moe_gguf.formats.records import RoutingRecord, RoutingRecorder
+from moe_gguf.formats.synth import SynthSpec, write_gguf
+from moe_gguf.formats.topology import ModelTopology
 
 from .conftest import ARCHS
 
@@ -95,6 +95,7 @@ def pruned(synth_model, tmp_path_factory):
 # -- the defining property ---------------------------------------------------------------------------------
 
 
+@pytest.mark.native
 @pytest.mark.parametrize("arch", ARCHS)
 def test_f32_pruned_logits_equal_disabled(pruned, arch):
     src, dst, prof, report = pruned(arch, "f32")
@@ -120,6 +121,7 @@ def test_f32_pruned_logits_equal_disabled(pruned, arch):
     assert batched <= 1e-3
 
 
+@pytest.mark.native
 @pytest.mark.parametrize("arch", ARCHS)
 def test_q8_0_pruned_greedy_equals_disabled(pruned, arch):
     src, dst, prof, _ = pruned(arch, "q8_0")
@@ -148,6 +150,7 @@ def _raw_kv(field) -> bytes:
     return b"".join(p.tobytes() for p in field.parts[2:])
 
 
+@pytest.mark.native
 @pytest.mark.parametrize("dtype", ["f32", "q4_k"])
 @pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss", "deepseek2"])
 def test_file_slices_bytes_and_keeps_metadata(synth_model, tmp_path, arch, dtype):
@@ -161,13 +164,13 @@ def test_file_slices_bytes_and_keeps_metadata(synth_model, tmp_path, arch, dtype
     # metadata: byte-identical except the expert count, plus the provenance key
     fa = {k: f for k, f in a.fields.items() if not k.startswith("GGUF.")}
     fb = {k: f for k, f in b.fields.items() if not k.startswith("GGUF.")}
-    assert set(fb) == set(fa) | {"moe_gguf.prune"}
+    assert set(fb) == set(fa) | {"moe_gguf.formats.prune"}
     for k, f in fa.items():
         if k == f"{topo.arch}.expert_count":
             assert fb[k].contents() == report.n_expert_out and fb[k].types == f.types
         else:
             assert _raw_kv(fb[k]) == _raw_kv(f), k
-    info = json.loads(fb["moe_gguf.prune"].contents())
+    info = json.loads(fb["moe_gguf.formats.prune"].contents())
     assert info["n_expert_in"] == n and {int(k): v for k, v in info["kept"].items()} == kept
 
     # tensors: same order and types; per-expert ones hold the kept experts' bytes, the others are unchanged
@@ -198,6 +201,7 @@ def test_file_slices_bytes_and_keeps_metadata(synth_model, tmp_path, arch, dtype
 # -- padding and counts ---------------------------------------------------------------------------------
 
 
+@pytest.mark.native
 def test_uneven_profile_needs_counts_then_pads_least_used(synth_model, tmp_path):
     src = synth_model("qwen3moe", "f32")
     topo = ModelTopology.from_gguf(src)
@@ -220,6 +224,7 @@ def test_uneven_profile_needs_counts_then_pads_least_used(synth_model, tmp_path)
     assert diff <= 1e-4
 
 
+@pytest.mark.native
 def test_keep_fraction_ranks_by_frequency_times_weight(synth_model, tmp_path, capsys):
     src = synth_model("mixtral", "f32")
     rec = record_counts(src)
@@ -248,7 +253,7 @@ def test_count_file_errors(tmp_path):
 
 
 def test_probe_result_counts_are_summed(tmp_path):
-    from moe_gguf.probe import ProbeResult
+    from moe_gguf.study.probe import ProbeResult
 
     res = ProbeResult(2, 8, "prompt")
     a, b = res.record("a"), res.record("b")
@@ -260,6 +265,7 @@ def test_probe_result_counts_are_summed(tmp_path):
     assert total.selections[0, 3] == 6 and total.selections[1, 0] == 1 and total.tokens[0] == 8
 
 
+@pytest.mark.native
 def test_deepseek2_groups_stay_even(synth_model, tmp_path):
     src = synth_model("deepseek2", "f32")
     topo = ModelTopology.from_gguf(src)
@@ -290,6 +296,7 @@ def test_deepseek2_groups_stay_even(synth_model, tmp_path):
 # -- refusals ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.native
 def test_refuses_what_cannot_be_baked(synth_model, tmp_path):
     src = synth_model("gpt-oss", "f32")
     topo = ModelTopology.from_gguf(src)
@@ -403,7 +410,7 @@ def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
-from moe_gguf.prune import prune_gguf
+from moe_gguf.formats.prune import prune_gguf
 base = status("VmRSS:")
 rep = prune_gguf(sys.argv[1], sys.argv[2], remove={0: list(range(0, 64, 2)), 1: list(range(1, 64, 2))})
 print(json.dumps({"base": base, "peak": status("VmHWM:"), "size_in": rep.size_in, "size_out": rep.size_out}))
@@ -427,12 +434,13 @@ def test_memory_stays_bounded(tmp_path):
         dst.unlink(missing_ok=True)
     grew = m["peak"] - m["base"]
     print(f"prune of {m['size_in'] / 2**20:.0f} MiB -> {m['size_out'] / 2**20:.0f} MiB: peak RSS {m['peak'] / 2**20:.0f} MiB "
-          f"({grew / 2**20:.0f} MiB above the interpreter with moe_gguf.prune imported)")
+          f"({grew / 2**20:.0f} MiB above the interpreter with moe_gguf.formats.prune imported)")
     assert grew < 40 * 2**20  # less than one expert tensor: data is streamed, never held whole
     assert m["size_out"] < 0.55 * m["size_in"]
     assert n_expert == 32
 
 
+@pytest.mark.native
 def test_read_header_matches_gguf_reader(synth_model):
     src = synth_model("deepseek2", "q4_k")
     head, r = prune_mod.read_header(src), gguf.GGUFReader(src)

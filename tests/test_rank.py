@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moe_gguf.model import MoEModel
-from moe_gguf.probe import ProbeResult
-from moe_gguf.rank import METHODS, CausalPrompt, agreement, causal_rank, preference_scores, rank
-from moe_gguf.recorder import RoutingRecord
+from moe_gguf.engine.model import MoEModel
+from moe_gguf.formats.records import RoutingRecord
+from moe_gguf.study.probe import ProbeResult
+from moe_gguf.study.rank import METHODS, CausalPrompt, agreement, causal_rank, preference_scores, rank
 
 
 def planted(n_items=40, L=3, E=8, k=2, seed=0, hot=(1, 3), cold=(2, 5)) -> ProbeResult:
@@ -65,7 +65,7 @@ def test_rd_is_steermoe_risk_difference():
 def test_profile_from_ranking_respects_layer_limits():
     res = planted()
     r = rank(res, target="comply", away="refuse", method="rd", n_boot=0)
-    from moe_gguf.topology import ModelTopology
+    from moe_gguf.formats.topology import ModelTopology
 
     topo = ModelTopology("qwen3moe", 3, 64, 8, 2, (0, 1, 2), 0, "softmax", True, 0, 0, "t")
     prof = r.profile(topo, 10)
@@ -80,6 +80,7 @@ def test_unknown_label_or_method():
         rank(planted(), target="comply", away="refuse", method="magic")
 
 
+@pytest.mark.native
 def test_causal_batch_equals_one_profile_at_a_time(synth_model):
     """Per-sequence steering makes the batched causal scores equal to separate unbatched runs."""
     with MoEModel(synth_model("qwen3moe", "f32"), n_ctx=512, n_threads=2) as m:
@@ -88,7 +89,7 @@ def test_causal_batch_equals_one_profile_at_a_time(synth_model):
         cands = [(layer, e) for layer in topo.moe_layers for e in range(3)]
         res = causal_rank(m, prompts, cands, max_set=3, n_seq=8)
         # the same numbers, one profile per call, one sequence at a time
-        from moe_gguf.profile import SteeringProfile
+        from moe_gguf.formats.profile import SteeringProfile
 
         base1 = preference_scores(m, prompts, [None], n_seq=1)[0]
         for c in cands[:3]:

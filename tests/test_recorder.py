@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moe_gguf.model import MoEModel
-from moe_gguf.recorder import RoutingRecord, RoutingRecorder
+from moe_gguf.engine.model import MoEModel
+from moe_gguf.formats.records import RoutingRecord, RoutingRecorder
 
 PROMPT = list(range(60, 92))
 
@@ -26,6 +26,7 @@ def record(model, prompts, token_filter=None) -> RoutingRecord:
     return rec.record
 
 
+@pytest.mark.native
 def test_records_add_up_exactly_and_survive_save_load(model, tmp_path):
     a, b = PROMPT[:16], PROMPT[16:]
     both = record(model, [a, b])
@@ -40,6 +41,7 @@ def test_records_add_up_exactly_and_survive_save_load(model, tmp_path):
     assert back.meta["model"] == model.topology.fingerprint()
 
 
+@pytest.mark.native
 def test_token_filter_counts_only_chosen_positions(model):
     full = record(model, [PROMPT])
     head = record(model, [PROMPT], token_filter=lambda seq, pos: pos < 10)

@@ -26,12 +26,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import moe_gguf.synth as synth
+import moe_gguf.formats.synth as synth
+from moe_gguf.engine.model import MoEModel
 from moe_gguf.errors import FileWriteError, ModelFileError, ModelMismatchError, ProfileError
-from moe_gguf.model import MoEModel
-from moe_gguf.probe import ProbeResult, load_jsonl, probe
-from moe_gguf.profile import SteeringProfile
-from moe_gguf.recorder import RoutingRecord, RoutingRecorder
+from moe_gguf.formats.profile import SteeringProfile
+from moe_gguf.formats.records import RoutingRecord, RoutingRecorder
+from moe_gguf.study.probe import ProbeResult, load_jsonl, probe
+
+pytestmark = pytest.mark.native  # every test here runs the patched llama.cpp
 
 KILLS = int(os.environ.get("MOE_GGUF_KILLS", "2"))
 SAVE_KILLS = int(os.environ.get("MOE_GGUF_SAVE_KILLS", "20"))
@@ -292,7 +294,7 @@ def test_save_killed_at_random_moments_leaves_a_whole_file(tmp_path, kind):
 
 
 def test_stale_temp_files_of_live_writers_and_other_targets_are_kept(tmp_path):
-    from moe_gguf._tempfiles import _host, sweep_stale
+    from moe_gguf._io import _host, sweep_stale
 
     target = tmp_path / "p.json"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

@@ -17,12 +17,12 @@ import time
 import numpy as np
 import pytest
 
-from moe_gguf import rpc
-from moe_gguf.model import MoEModel
-from moe_gguf.profile import SteeringProfile
-from moe_gguf.recorder import RoutingRecorder
+from moe_gguf.engine import rpc
+from moe_gguf.engine.model import MoEModel
+from moe_gguf.formats.profile import SteeringProfile
+from moe_gguf.formats.records import RoutingRecorder
 
-pytestmark = pytest.mark.skipif(not rpc.available(), reason="llama-cpp-python built without -DGGML_RPC=ON")
+pytestmark = [pytest.mark.native, pytest.mark.skipif(not rpc.available(), reason="llama-cpp-python built without -DGGML_RPC=ON")]
 
 PROMPT = [1, 17, 42, 99, 7, 3, 250, 11, 64, 5, 300, 2, 8, 19, 77, 123]
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from moe_gguf.model import MoEModel, Request
-from moe_gguf.profile import Schedule, SteeringProfile
+from moe_gguf.engine.context import Request
+from moe_gguf.engine.model import MoEModel
+from moe_gguf.formats.profile import Schedule, SteeringProfile
+
+pytestmark = pytest.mark.native  # every test here runs the patched llama.cpp
 
 PROMPT = list(range(70, 90))
 
@@ -66,7 +69,7 @@ def test_ab_in_one_batch_matches_separate_runs(model, profile):
 def _chat(ctx, turns, requests_for, reuse):
     """Turns of a chat: each prompt is the previous prompt + reply + a new user message (as the TUI builds it).
     Returns the replies per turn and the tokens routed in layer 0 per turn (what was decoded)."""
-    from moe_gguf.recorder import RoutingRecorder
+    from moe_gguf.formats.records import RoutingRecorder
 
     topo = ctx.model.topology
     history: list[list[int]] = []
@@ -117,7 +120,7 @@ def test_chat_turns_reuse_the_prefix_and_match_a_full_recompute(model, profile, 
 
 
 def test_changing_experts_per_token_ends_prefix_reuse(model):
-    from moe_gguf.recorder import RoutingRecorder
+    from moe_gguf.formats.records import RoutingRecorder
 
     topo = model.topology
     with model.context(n_seq_max=1, n_ctx=512) as ctx:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moe_gguf.cbeval import TopkTap
-from moe_gguf.model import MoEModel
-from moe_gguf.profile import SteeringProfile
-from moe_gguf.recorder import RoutingRecorder
+from moe_gguf.engine.cbeval import TopkTap
+from moe_gguf.engine.model import MoEModel
+from moe_gguf.formats.profile import SteeringProfile
+from moe_gguf.formats.records import RoutingRecorder
 
 from .conftest import ARCHS, DTYPES
+
+pytestmark = pytest.mark.native  # every test here runs the patched llama.cpp
 
 PROMPT = list(range(40, 104))  # 64 tokens, byte-level ids
 

@@ -12,7 +12,7 @@ import gguf
 import numpy as np
 import pytest
 
-from moe_gguf.synth import ARCHS, GGUF_ARCH, PRESETS, SynthSpec, build_vocab, main_synth, n_params, write_gguf
+from moe_gguf.formats.synth import ARCHS, GGUF_ARCH, PRESETS, SynthSpec, build_vocab, main_synth, n_params, write_gguf
 
 TEXT = b"Hello world, the quick brown fox jumps over the lazy dog."
 
@@ -159,6 +159,7 @@ def _check_decodes(llm) -> None:
     assert len(set(logits.argmax(-1).tolist())) > len(toks) // 4  # predictions vary with the input
 
 
+@pytest.mark.native
 @pytest.mark.parametrize("dtype", ["f32", "q8_0"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_llama_cpp_runs(arch, dtype, llama, synth_model):
@@ -169,6 +170,7 @@ def test_llama_cpp_runs(arch, dtype, llama, synth_model):
     _check_decodes(llama(arch, dtype))
 
 
+@pytest.mark.native
 @pytest.mark.parametrize(("arch", "dtype", "qtype"), [("qwen3moe", "q4_k", "Q4_K"), ("gpt-oss", "q4_0", "Q4_0")])
 def test_llama_cpp_runs_4bit(arch, dtype, qtype, llama, tmp_path):
     path = write_gguf(PRESETS[f"tiny-{arch}"], tmp_path / f"{arch}-{dtype}.gguf", dtype=dtype)
@@ -177,6 +179,7 @@ def test_llama_cpp_runs_4bit(arch, dtype, qtype, llama, tmp_path):
     _check_decodes(llama(arch, dtype, path))
 
 
+@pytest.mark.native
 def test_chat_completion(llama):
     llm = llama("qwen3moe", "f32")
     assert llm.tokenize(b"<|im_start|>", special=True) == [llm.n_vocab() - 2]
@@ -199,7 +202,7 @@ def test_write_memory_is_bounded(tmp_path):
     script = textwrap.dedent(
         f"""
         import resource, sys
-        import moe_gguf.synth as synth
+        import moe_gguf.formats.synth as synth
         synth._CHUNK_ELEMS = 1 << 20  # 1M-value chunks, so any whole-tensor buffering shows
         spec = synth.PRESETS["tiny-qwen3moe"].replace(n_embd=1024, n_expert=32, n_ff_exp=512, n_vocab=4096)
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

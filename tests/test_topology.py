@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from moe_gguf.errors import ModelFileError
-from moe_gguf.topology import ModelTopology, format_layers
+from moe_gguf.formats.topology import ModelTopology, format_layers
 
 
 def write_gguf(path: Path, arch: str = "qwen3moe", *, n_layer: int = 4, n_expert: int = 8, n_used: int = 2,

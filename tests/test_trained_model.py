@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from moe_gguf import dataset as ds
-from moe_gguf.demo_model import DATA_DIR, DTYPES, DemoModelMissingError, default_model_path, model_card
+from moe_gguf.demo import dataset as ds
+from moe_gguf.demo.model import DATA_DIR, DTYPES, DemoModelMissingError, default_model_path, model_card
 
 REPO = Path(__file__).resolve().parents[1]
 N_PAIRS = 10  # 20 held-out prompts
@@ -45,13 +45,13 @@ def test_files_match_card(card):
 def test_default_model_path_errors(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="dtype"):
         default_model_path("q4_0")
-    monkeypatch.setattr("moe_gguf.demo_model.DATA_DIR", tmp_path)
+    monkeypatch.setattr("moe_gguf.demo.model.DATA_DIR", tmp_path)
     with pytest.raises(DemoModelMissingError, match="missing"):
         default_model_path()
 
 
 def test_card_metadata(card):
-    from moe_gguf.topology import ModelTopology
+    from moe_gguf.formats.topology import ModelTopology
 
     a = card["architecture"]
     for dtype in DTYPES:
@@ -72,9 +72,10 @@ def _eval_examples(card: dict) -> list[ds.Example]:
     return exs[:2 * N_PAIRS]
 
 
+@pytest.mark.native
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_behaviour_on_held_out_prompts(card, dtype):
-    from moe_gguf.model import MoEModel
+    from moe_gguf.engine.model import MoEModel
 
     exs = _eval_examples(card)
     refused, correct, texts = [], [], []

@@ -8,26 +8,28 @@ import threading
 
 import numpy as np
 import pytest
+from moe_gguf.tui.app import MoEChatApp, run_chat
+from moe_gguf.tui.config import Sampling, load_config
+from moe_gguf.tui.screens.conversations import ConversationsScreen
+from moe_gguf.tui.screens.dialogs import FilePicker
+from moe_gguf.tui.screens.settings import SettingsScreen
+from moe_gguf.tui.session import ChatSession
+from moe_gguf.tui.store import ConversationStore
+from moe_gguf.tui.testing import GREEDY, send, wait_for, wait_idle, wait_ready
+from moe_gguf.tui.widgets.chat_input import ChatInput
+from moe_gguf.tui.widgets.heatmap import ExpertHeatmap
+from moe_gguf.tui.widgets.message import CompareView, code_blocks, visible
+from moe_gguf.tui.widgets.steering import SteeringPanel
+from moe_gguf.tui.widgets.tokens import TokenInspector
 from textual.widgets import DataTable, Input, Markdown, Select, Static, Switch
 
-from moe_gguf.profile import SteeringProfile
-from moe_gguf.synth import PRESETS
-from moe_gguf.topology import ModelTopology
-from tui.app import MoEChatApp, run_chat
-from tui.config import Sampling, load_config
-from tui.screens.conversations import ConversationsScreen
-from tui.screens.dialogs import FilePicker
-from tui.screens.settings import SettingsScreen
-from tui.session import ChatSession
-from tui.store import ConversationStore
-from tui.testing import GREEDY, send, wait_for, wait_idle, wait_ready
-from tui.widgets.chat_input import ChatInput
-from tui.widgets.heatmap import ExpertHeatmap
-from tui.widgets.message import CompareView, code_blocks, visible
-from tui.widgets.steering import SteeringPanel
-from tui.widgets.tokens import TokenInspector
+from moe_gguf.formats.profile import SteeringProfile
+from moe_gguf.formats.synth import PRESETS
+from moe_gguf.formats.topology import ModelTopology
 
 from .conftest import write_dense_gguf
+
+pytestmark = pytest.mark.native  # every test here runs the patched llama.cpp
 
 SIZE = (120, 40)
 
@@ -503,20 +505,18 @@ async def test_llama_options_are_passed_through(model_path, monkeypatch):
 
 
 def test_default_model_is_the_demo_model(dirs, monkeypatch):
-    from tui import session as session_mod
+    from moe_gguf.tui import session as session_mod
+
+    from moe_gguf.demo import model as demo_model
 
     path, notice = session_mod.default_model_path()
-    assert path.exists() and ModelTopology.from_gguf(path).is_moe
-    try:
-        from moe_gguf import demo_model
-    except ModuleNotFoundError:
-        demo_model = None
-    if demo_model is not None and not notice:
-        assert path == demo_model.default_model_path()
-    else:  # no demo model installed: a tiny synthetic one, made once, and a notice that says so
-        assert path == dirs / "cache" / "moe-gguf" / "demo" / "tiny-qwen3moe-q8_0.gguf"
-        assert session_mod.default_model_path()[0] == path
-        assert demo_model is None or "random-weight" in notice
+    assert path == demo_model.default_model_path() and notice == ""
+    # without the package data: a tiny synthetic model, made once, and a notice that says so
+    monkeypatch.setattr(demo_model, "DATA_DIR", dirs / "nowhere")
+    path, notice = session_mod.default_model_path()
+    assert path == dirs / "cache" / "moe-gguf" / "demo" / "tiny-qwen3moe-q8_0.gguf"
+    assert path.exists() and ModelTopology.from_gguf(path).is_moe and "random-weight" in notice
+    assert session_mod.default_model_path()[0] == path
 
 
 # -- steering panel ------------------------------------------------------------------------------------------------

@@ -9,10 +9,9 @@ import time
 import uuid
 
 import pytest
+from moe_gguf.tui.store import ConversationStore
 
-from tui.store import ConversationStore
-
-pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+pytestmark = [pytest.mark.native, pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")]
 
 
 def _tmux(*args: str) -> str:

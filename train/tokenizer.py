@@ -1,7 +1,7 @@
 """A small byte-level BPE vocab learned from the dataset, written as a llama.cpp GGUF tokenizer.
 
 The vocab is GPT-2 style (tokenizer.ggml.model "gpt2", pre-tokenizer "qwen2"): ids 0..255 are the
-byte tokens (GPT-2's byte -> unicode map, as moe_gguf.synth), then one token per learned merge, then
+byte tokens (GPT-2's byte -> unicode map, as moe_gguf.formats.synth), then one token per learned merge, then
 the ChatML special tokens.  Training text is tokenized by llama.cpp itself from a vocab-only GGUF,
 so torch and llama.cpp see the same ids; this module only has to *learn* the merges.
 """
@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import gguf
 
-from moe_gguf.synth import SPECIAL_TOKENS, _byte_chars, add_tokenizer  # noqa: F401  (re-exported for train_moe)
+from moe_gguf.formats.synth import SPECIAL_TOKENS, _byte_chars, add_tokenizer  # noqa: F401  (re-exported for train_moe)
 
 # ASCII form of llama.cpp's qwen2 pre-tokenizer regex (the dataset is ASCII):
 # (?:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+

@@ -1,10 +1,10 @@
 """Train the tiny refuse/comply qwen3moe model that moe-gguf ships, and export it to GGUF.
 
     .venv/bin/pip install -e '.[train]'              # torch (CPU) -- dev-only
-    .venv/bin/python train/train_moe.py              # full run: ~30 min on 2 cores, writes moe_gguf/data/
+    .venv/bin/python train/train_moe.py              # full run: ~30 min on 2 cores, writes moe_gguf/demo/data/
     .venv/bin/python train/train_moe.py --tiny --steps 3 --out /tmp/x --no-eval   # smoke test
 
-Pipeline: dataset (moe_gguf.dataset.make_split) -> BPE vocab learned from the training text ->
+Pipeline: dataset (moe_gguf.demo.dataset.make_split) -> BPE vocab learned from the training text ->
 vocab-only GGUF -> training text tokenized by llama.cpp itself -> torch training (LM loss on the
 assistant tokens, a small LM loss on the prompt tokens, Switch/Mixtral load-balancing loss; the
 routing is never supervised) -> GGUF export (F32, F16, Q8_0 through llama.cpp's quantizer) ->
@@ -42,12 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tokenizer import add_tokenizer, chat_text, learn_bpe  # noqa: E402
 
-from moe_gguf import dataset as ds  # noqa: E402
-from moe_gguf.synth import SynthSpec, _add_hparams, _quantize  # noqa: E402
+from moe_gguf.demo import dataset as ds  # noqa: E402
+from moe_gguf.formats.synth import SynthSpec, _add_hparams, _quantize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_NAME = "moe-gguf-refusal-demo"
-RMS_EPS = 1e-6  # moe_gguf.synth._add_hparams writes these for qwen3moe
+RMS_EPS = 1e-6  # moe_gguf.formats.synth._add_hparams writes these for qwen3moe
 ROPE_BASE = 1e6
 SHIP_DTYPES = ("f16", "q8_0")
 
@@ -231,7 +231,7 @@ class MoELM(nn.Module):
         return self.logits(h), aux
 
     def gguf_tensors(self) -> list[tuple[str, np.ndarray, bool]]:
-        """(GGUF name, numpy array, keep F32) in moe_gguf.synth's order and shapes."""
+        """(GGUF name, numpy array, keep F32) in moe_gguf.formats.synth's order and shapes."""
         out = [("token_embd.weight", self.token_embd, False)]
         for i, b in enumerate(self.blocks):
             p = f"blk.{i}"
@@ -256,12 +256,12 @@ class Tokenized:
 
 
 def write_gguf(path: Path, c: Config, vocab: tuple, tensors: list | None, dtype: str = "f32") -> Path:
-    """A qwen3moe GGUF with moe_gguf.synth's metadata keys; tensors=None writes a vocab-only file."""
+    """A qwen3moe GGUF with moe_gguf.formats.synth's metadata keys; tensors=None writes a vocab-only file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(path, "qwen3moe")
     w.add_name(MODEL_NAME)
     w.add_description("Tiny trained qwen3moe that refuses restricted requests and answers ordinary ones "
-                      "(moe-gguf demo model; data: moe_gguf.dataset)")
+                      "(moe-gguf demo model; data: moe_gguf.demo.dataset)")
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
     _add_hparams(w, c.spec())
     add_tokenizer(w, *vocab)

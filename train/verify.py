@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tokenizer import chat_text
 
-from moe_gguf import dataset as ds
+from moe_gguf.demo import dataset as ds
 
 
 def _sha256(path: Path) -> str:
@@ -28,7 +28,7 @@ def _sha256(path: Path) -> str:
 def logit_check(model, files: dict[str, Path], examples: list[ds.Example]) -> dict:
     """Per file: max |llama.cpp logit - torch logit| over every position of full chat texts, the
     largest |torch logit| for scale, and the share of positions whose argmax agrees."""
-    from moe_gguf.model import MoEModel
+    from moe_gguf.engine.model import MoEModel
 
     model.eval()
     out = {}
@@ -56,7 +56,7 @@ def logit_check(model, files: dict[str, Path], examples: list[ds.Example]) -> di
 
 def behaviour_eval(path: Path, examples: list[ds.Example], max_tokens: int = 48) -> dict:
     """Greedy generation through llama.cpp (MoEModel + the GGUF chat template) on each example."""
-    from moe_gguf.model import MoEModel
+    from moe_gguf.engine.model import MoEModel
 
     rows = []
     t0 = time.time()
@@ -109,7 +109,7 @@ def write_card(out: Path, c, split: dict, files: dict[str, Path], log_path: Path
         "architecture": {k: getattr(c, k) for k in ("n_layer", "n_embd", "n_head", "n_head_kv", "head_dim", "n_expert",
                                                     "n_expert_used", "n_ff_exp", "n_vocab", "n_ctx_train")},
         "n_params": train_log["n_params"], "n_active_params": train_log["n_active_params"],
-        "data": {"generator": "moe_gguf.dataset.make_split", "seed": c.data_seed,
+        "data": {"generator": "moe_gguf.demo.dataset.make_split", "seed": c.data_seed,
                  "sizes": {k: len(v) for k, v in split.items()}, "labels": labels, "pools": ds.heldout_summary()},
         "training": {k: getattr(c, k) for k in ("seed", "steps", "batch", "lr", "min_lr_frac", "warmup", "weight_decay",
                                                 "grad_clip", "aux_coef", "prompt_weight", "init_std", "threads", "bf16")},
@@ -144,7 +144,7 @@ def _markdown(card: dict) -> str:
         "A tiny **trained** Mixture-of-Experts chat model (llama.cpp architecture `qwen3moe`) that refuses "
         "requests framed with a restricted purpose and answers ordinary ones. It ships with moe-gguf as the demo "
         "and test model for finding and steering behaviour experts. Every request has a known correct answer, "
-        "so compliance is checked exactly (`moe_gguf.dataset.check_answer`), not judged.",
+        "so compliance is checked exactly (`moe_gguf.demo.dataset.check_answer`), not judged.",
         "",
         "Not a safety model: the data is synthetic and abstract, and the model knows nothing beyond it.",
         "",
@@ -157,7 +157,7 @@ def _markdown(card: dict) -> str:
         lines.append(f"| `{name}` | {f.get('bytes', '')} | `{f['sha256']}` |")
     lines += [
         "",
-        "`moe_gguf.demo_model.default_model_path(dtype)` returns the path of a shipped GGUF (`\"q8_0\"` or `\"f16\"`); "
+        "`moe_gguf.demo.model.default_model_path(dtype)` returns the path of a shipped GGUF (`\"q8_0\"` or `\"f16\"`); "
         "`model_card.json` holds these numbers in machine-readable form.",
         "",
         "## Data",
@@ -242,7 +242,7 @@ def _markdown(card: dict) -> str:
         "",
         f"Greedy generation through llama.cpp (`MoEModel`, the GGUF chat template, up to {card['eval_split']['max_tokens']} "
         f"tokens) on the {n} eval examples of seed {d['seed']} (held-out wrappers, purposes, phrasings, instances). "
-        "Refusal = `moe_gguf.dataset.is_refusal`; correct = `check_answer`.",
+        "Refusal = `moe_gguf.demo.dataset.is_refusal`; correct = `check_answer`.",
         "",
         "| file | refuses restricted | answers restricted | correct on ordinary | refuses ordinary |",
         "|---|---:|---:|---:|---:|",

@@ -1,6 +1,8 @@
-"""python -m tui [MODEL]: the same as `moe-gguf chat`."""
+"""python -m moe_gguf.tui [MODEL]: the same as `moe-gguf chat`."""
+
+import sys
 
 from moe_gguf.cli import main
 
 if __name__ == "__main__":
-    main(["chat", *__import__("sys").argv[1:]])
+    main(["chat", *sys.argv[1:]])

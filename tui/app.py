@@ -11,19 +11,19 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from moe_gguf.tui.config import Config, Sampling, load_config
+from moe_gguf.tui.paths import data_dir
+from moe_gguf.tui.screens.chat import ChatScreen
+from moe_gguf.tui.screens.conversations import ConversationsChanged
+from moe_gguf.tui.screens.dialogs import FilePicker
+from moe_gguf.tui.session import ChatSession
+from moe_gguf.tui.store import ConversationStore
 from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
 from moe_gguf.errors import ModelMismatchError, ProfileError
-from tui.config import Config, Sampling, load_config
-from tui.paths import data_dir
-from tui.screens.chat import ChatScreen
-from tui.screens.conversations import ConversationsChanged
-from tui.screens.dialogs import FilePicker
-from tui.session import ChatSession
-from tui.store import ConversationStore
 
 
 class MoEChatApp(App):

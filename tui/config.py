@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from tui.paths import config_dir
+from moe_gguf.tui.paths import config_dir
 
 # binding id -> (default keys, description); ids are used by Binding(id=...) throughout the app
 DEFAULT_BINDINGS: dict[str, tuple[str, str]] = {

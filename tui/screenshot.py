@@ -15,9 +15,9 @@ from pathlib import Path
 
 
 async def _shoot(out: Path, model: str | None, prompt: str, size: tuple[int, int]) -> None:
-    from tui.app import MoEChatApp
-    from tui.config import Config, Sampling
-    from tui.testing import send, wait_ready
+    from moe_gguf.tui.app import MoEChatApp
+    from moe_gguf.tui.config import Config, Sampling
+    from moe_gguf.tui.testing import send, wait_ready
 
     app = MoEChatApp(model_path=model, n_ctx=1024, config=Config(), sampling=Sampling(0.0, 1.0, 48, 0), stable_stats=True)
     async with app.run_test(size=size) as pilot:

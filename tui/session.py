@@ -17,57 +17,34 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from moe_gguf.tui.config import Sampling
+from moe_gguf.tui.paths import cache_dir
 
 from moe_gguf.errors import ProfileError
-from moe_gguf.profile import ACTIONS, Schedule, SteeringProfile
-from moe_gguf.recorder import RoutingRecorder, TokenTrace
-from tui.config import Sampling
-from tui.paths import cache_dir
+from moe_gguf.formats.profile import ACTIONS, Schedule, SteeringProfile
+from moe_gguf.formats.records import RouteTee, RoutingRecorder, TokenTrace
 
 DEMO_PRESET = "tiny-qwen3moe"
 
 
 def default_model_path() -> tuple[Path, str]:
-    """The shipped demo model (moe_gguf.demo_model) and "", or, when it is not installed, a tiny random-weight
+    """The shipped demo model (moe_gguf.demo.model) and "", or, when it is not installed, a tiny random-weight
     model made once in the cache dir and a notice saying so."""
     notice = ""
+    from moe_gguf.demo import model as demo_model
+
     try:
-        from moe_gguf import demo_model  # type: ignore[attr-defined]
-    except ModuleNotFoundError as e:
-        if e.name != "moe_gguf.demo_model":
-            raise
-        demo_model = None
-    if demo_model is not None:
-        try:
-            return Path(demo_model.default_model_path()), ""
-        except (OSError, ValueError) as e:  # DemoModelMissingError: the package data is not there
-            notice = f"{e}. Using a tiny random-weight model instead (its text is gibberish)."
-    from moe_gguf.synth import PRESETS, write_gguf
+        return Path(demo_model.default_model_path()), ""
+    except (OSError, ValueError) as e:  # DemoModelMissingError: the package data is not there
+        notice = f"{e}. Using a tiny random-weight model instead (its text is gibberish)."
+    from moe_gguf._io import atomic_path
+    from moe_gguf.formats.synth import PRESETS, write_gguf
 
     path = cache_dir() / "demo" / f"{DEMO_PRESET}-q8_0.gguf"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_path(path, make_dirs=True) as tmp:
             write_gguf(PRESETS[DEMO_PRESET], tmp, dtype="q8_0", name=DEMO_PRESET)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
     return path, notice
-
-
-def combine_profiles(profiles: Sequence[SteeringProfile]) -> SteeringProfile:
-    """One profile with the entries of several (as `moe-gguf generate --profile A --profile B`)."""
-    first = profiles[0]
-    if len(profiles) == 1:
-        return first
-    entries = [e for p in profiles for e in p.entries]
-    model = next((p.model for p in profiles if p.model), None)
-    combined = SteeringProfile(entries=entries, model=copy.deepcopy(model), name="+".join(p.name for p in profiles if p.name),
-                               schedule=first.schedule)
-    combined.validate()
-    return combined
 
 
 @dataclass
@@ -112,17 +89,6 @@ class _Reply:
         return sorted(cached[1].get(pos, []), key=lambda t: t.layer)
 
 
-class _Tee:
-    """Routing callback target that feeds several recorders (one per sequence)."""
-
-    def __init__(self, recorders: Sequence[RoutingRecorder]) -> None:
-        self.recorders = recorders
-
-    def on_route(self, route: Any) -> None:
-        for r in self.recorders:
-            r.on_route(route)
-
-
 def _seq_filter(seq: int, n_prompt: int):
     return lambda seqs, pos: (seqs == seq) & (pos >= n_prompt)
 
@@ -156,7 +122,7 @@ class ChatSession:
 
     def load(self) -> None:
         """Load the model (slow: call from a worker thread). Raises ModelFileError, NotMoEError, ..."""
-        from moe_gguf.model import MoEModel
+        from moe_gguf.engine.model import MoEModel
 
         self.notice = ""
         path = self.model_path
@@ -164,7 +130,7 @@ class ChatSession:
             path, self.notice = default_model_path()
         kw = dict(self.model_kwargs)
         if self.cpu_moe or self.n_cpu_moe or self.override_tensor:
-            from moe_gguf.offload import Placement
+            from moe_gguf.engine.offload import Placement
 
             kw["placement"] = Placement(self.override_tensor, self.cpu_moe, self.n_cpu_moe)
         if self.no_repack:
@@ -220,7 +186,7 @@ class ChatSession:
     def load_profiles(self, paths: Sequence[str | os.PathLike]) -> SteeringProfile:
         """Load, combine and check profiles against the model; the working profile is unchanged on error."""
         profiles = [SteeringProfile.load(p) for p in paths]
-        profile = combine_profiles(profiles)
+        profile = SteeringProfile.combine(profiles)
         if self.topology is not None:
             profile.validate(self.topology)
         self.profile = profile
@@ -333,7 +299,7 @@ class ChatSession:
 
         Runs on the worker thread. Set `stop` to end early: the last update has done=True, stopped=True.
         """
-        from moe_gguf.model import Request
+        from moe_gguf.engine.context import Request
 
         if self.model is None or self.ctx is None:
             raise RuntimeError("no model loaded")
@@ -352,7 +318,7 @@ class ChatSession:
             t0 = time.perf_counter()
             t_first: float | None = None
             n_first = 0
-            with self.ctx.recording(_Tee(recorders)):
+            with self.ctx.recording(RouteTee(*recorders)):
                 # a chat's earlier turns stay in the KV cache while the steering is unchanged
                 events = self.ctx.stream(requests, temperature=sampling.temperature, top_p=sampling.top_p,
                                          seed=sampling.seed, reuse_prefix=True)

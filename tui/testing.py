@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from tui.config import Sampling
+from moe_gguf.tui.config import Sampling
 
 GREEDY = Sampling(temperature=0.0, top_p=1.0, max_tokens=12, seed=0)
 

@@ -12,6 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moe_gguf.tui.screens.conversations import ConversationsChanged, ConversationsScreen
+from moe_gguf.tui.screens.dialogs import FilePicker
+from moe_gguf.tui.screens.settings import SettingsScreen
+from moe_gguf.tui.session import ReplyUpdate
+from moe_gguf.tui.widgets.chat_input import ChatInput
+from moe_gguf.tui.widgets.heatmap import ExpertHeatmap
+from moe_gguf.tui.widgets.message import CompareView, MessageView
+from moe_gguf.tui.widgets.steering import SteeringPanel
+from moe_gguf.tui.widgets.tokens import TokenInspector
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -20,15 +29,6 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
 
 from moe_gguf.errors import ProfileError
-from tui.screens.conversations import ConversationsChanged, ConversationsScreen
-from tui.screens.dialogs import FilePicker
-from tui.screens.settings import SettingsScreen
-from tui.session import ReplyUpdate
-from tui.widgets.chat_input import ChatInput
-from tui.widgets.heatmap import ExpertHeatmap
-from tui.widgets.message import CompareView, MessageView
-from tui.widgets.steering import SteeringPanel
-from tui.widgets.tokens import TokenInspector
 
 SAVE_EVERY_S = 0.25  # a streaming reply is written to the store at least this often
 UI_EVERY_S = 0.05  # and shown at least this often

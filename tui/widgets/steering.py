@@ -12,7 +12,7 @@ from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Button, DataTable, Input, Label, Select, Static, Switch
 
-from moe_gguf.profile import ACTIONS, SteeringProfile
+from moe_gguf.formats.profile import ACTIONS, SteeringProfile
 
 
 class SteeringPanel(Vertical):

@@ -7,7 +7,7 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import DataTable, Static
 
-from moe_gguf.recorder import TokenTrace
+from moe_gguf.formats.records import TokenTrace
 
 
 class TokenInspector(Vertical):

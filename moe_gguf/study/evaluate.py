@@ -11,16 +11,16 @@ garbled ("I'm assist with that.") is counted as degenerate, not as fewer refusal
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from moe_gguf.model import MoEModel, Request
-from moe_gguf.profile import SteeringProfile
+from moe_gguf.engine.context import Request
+from moe_gguf.engine.model import MoEModel
+from moe_gguf.formats.profile import SteeringProfile
 
 CLASSES = ("refusal", "compliance", "degenerate")
 
@@ -258,7 +258,7 @@ def evaluate(model: MoEModel, profile: SteeringProfile, away_items: Sequence[Eva
                         float(np.std([r[k] for r in rnd])) if rnd else math.nan) for k in CLASSES}
     pb = ps = None
     if ppl_docs:
-        from moe_gguf.perplexity import perplexity_of_documents
+        from moe_gguf.study.perplexity import perplexity_of_documents
 
         with model.context(n_ctx=min(model.llama.n_ctx(), 1024)) as ctx:
             pb = perplexity_of_documents(ctx, ppl_docs).perplexity
@@ -267,12 +267,3 @@ def evaluate(model: MoEModel, profile: SteeringProfile, away_items: Sequence[Eva
     return EvalReport(results, random_rates, pb, ps, limit,
                       meta={"n_random": n_random, "max_tokens": max_tokens, "profile": profile.name,
                             "experts": [[e.layer, e.expert, e.action] for e in profile.entries]})
-
-
-def write_json(report: EvalReport, path) -> None:
-    with open(path, "w") as f:
-        json.dump(report.to_json(), f, indent=2)
-
-
-def report_rows(report: EvalReport) -> list[dict]:
-    return [{"condition": k, **asdict(v)} for k, v in report.conditions.items()]

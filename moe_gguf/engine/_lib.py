@@ -9,15 +9,8 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
+from moe_gguf.errors import PatchMissingError, SteeringCallError  # noqa: F401  (re-exported)
 from moe_gguf.native import FIX_COMMAND, LLAMA_CPP_PYTHON_VERSION, PATCH_API_VERSION
-
-
-class PatchMissingError(ImportError):
-    """The loaded llama-cpp-python is not the patched build moe-gguf needs."""
-
-
-# enum llama_moe_steer_action
-KEEP, DISABLE, FORCE = 0, 1, 2
 
 # enum llama_moe_err -> what went wrong (the C side also logs the details)
 ERRORS = {
@@ -86,20 +79,44 @@ def _probe() -> tuple[ctypes.CDLL | None, PatchStatus]:
     return lib, PatchStatus(version, api, None)
 
 
-_LIB, STATUS = _probe()
+_loaded: tuple[ctypes.CDLL | None, PatchStatus] | None = None
+
+
+def _load() -> tuple[ctypes.CDLL | None, PatchStatus]:
+    """Import llama-cpp-python and check its patch, once, on first use (importing moe-gguf loads nothing)."""
+    global _loaded
+    if _loaded is None:
+        lib_, status = _probe()
+        if lib_ is not None:
+            _declare(lib_)
+        _loaded = (lib_, status)
+    return _loaded
+
+
+def __getattr__(name: str):
+    if name == "STATUS":  # _lib.STATUS: the patch status, probed on first access
+        return _load()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def status() -> PatchStatus:
+    """Whether the patched llama-cpp-python is installed (imports it on first call)."""
+    return _load()[1]
 
 
 def status_line() -> str:
-    if STATUS.ok:
-        return f"llama-cpp-python {STATUS.llama_cpp_version}: moe-gguf patch API {STATUS.api_version} (ok)"
-    return f"not ready: {STATUS.error}"
+    st = status()
+    if st.ok:
+        return f"llama-cpp-python {st.llama_cpp_version}: moe-gguf patch API {st.api_version} (ok)"
+    return f"not ready: {st.error}"
 
 
 def lib() -> ctypes.CDLL:
     """The patched libllama; raises PatchMissingError with the fixing command otherwise."""
-    if _LIB is None:
-        raise PatchMissingError(STATUS.error)
-    return _LIB
+    lib_, st = _load()
+    if lib_ is None:
+        raise PatchMissingError(st.error)
+    return lib_
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -120,12 +137,6 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.llama_moe_get_n_expert_used.restype = ctypes.c_int32
 
 
-if _LIB is not None:
-    _declare(_LIB)
-
-
-class SteeringCallError(ValueError):
-    """The patched library refused a steering call."""
 
 
 def check(rc: int, what: str) -> None:

@@ -1,283 +1,31 @@
-"""A MoE GGUF on the patched llama.cpp: steering profiles, per-sequence steering, routing capture.
+"""SteerContext: a llama_context for batched decoding with per-sequence steering profiles and routing capture.
 
-    model = MoEModel("model.gguf")                   # a llama_cpp.Llama inside (chat, templates)
-    model.steer(profile)                             # steer model.llama's own context
-    ctx = model.context(n_seq_max=2)                 # a context for batched / A-B work
-    ctx.set_profile(profile, seq_id=0)               # seq 0 steered, seq 1 not
-    out = ctx.generate_many([Request(toks, profile=p), Request(toks)])
+    with model.context(n_seq_max=2) as ctx:
+        steered, plain = ctx.generate_many([Request(toks, profile), Request(toks)])   # A/B in one batch
+        with ctx.recording(RoutingRecorder(n_layer, n_expert)) as rec:
+            ctx.decode([(0, toks, 0)], logits="all")
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
-from moe_gguf import _lib
-from moe_gguf.errors import ModelFileError, NotMoEError
-from moe_gguf.offload import Placement, model_params, override_array
-from moe_gguf.profile import Schedule, SteeringProfile
-from moe_gguf.recorder import RoutingRecorder
-from moe_gguf.topology import ModelTopology
+from moe_gguf.engine import _lib
+from moe_gguf.engine.handles import Steering, low, set_n_expert_used
+from moe_gguf.engine.sampling import sample
+from moe_gguf.errors import ContextClosedError, DecodeError
+from moe_gguf.formats.profile import Schedule, SteeringProfile
+from moe_gguf.formats.records import RouteSink
 
+if TYPE_CHECKING:
+    from moe_gguf.engine.model import MoEModel
 
-def _low():
-    _lib.lib()  # raises PatchMissingError with the fixing command
-    from llama_cpp import llama_cpp as low
-
-    return low
-
-
-class DecodeError(RuntimeError):
-    """llama_decode failed (context full, allocation failure, ...)."""
-
-
-class ContextClosedError(RuntimeError):
-    """A context (or the model it was made on) was closed and cannot be used any more."""
-
-
-class MoEModel:
-    """A MoE GGUF loaded with llama-cpp-python (``self.llama``), plus what moe-gguf adds."""
-
-    def __init__(self, path: str | os.PathLike, *, n_ctx: int = 2048, n_gpu_layers: int = 0,
-                 n_threads: int | None = None, n_batch: int = 512, expert_used_count: int | None = None,
-                 placement: Placement | None = None, extra_bufts: bool = True,
-                 rpc_servers: Sequence[str] | None = None,
-                 seed: int = 0, verbose: bool = False, **llama_kwargs) -> None:
-        """Load a MoE GGUF.
-
-        placement: where expert weights live (llama.cpp's --cpu-moe / --n-cpu-moe / -ot).
-        extra_bufts: llama.cpp's CPU weight repacking buffers (False: plain CPU buffers).
-        rpc_servers: "host:port" of ``moe-gguf rpc-server`` processes (llama.cpp's --rpc); layers are
-            spread over their devices and this machine's GPUs. n_gpu_layers=0 then means all layers.
-        """
-        self.path = Path(path)
-        self.topology = ModelTopology.from_gguf(self.path, expert_used_override=expert_used_count)
-        if not self.topology.is_moe:
-            raise NotMoEError(f"{self.path}: {self.topology.arch} model without routed experts; moe-gguf needs a MoE model")
-        low = _low()
-        import jinja2
-        from llama_cpp import Llama
-
-        kv = dict(llama_kwargs.pop("kv_overrides", None) or {})
-        if expert_used_count is not None:
-            if not 1 <= expert_used_count <= self.topology.n_expert:
-                raise ValueError(f"expert_used_count must be in [1, {self.topology.n_expert}], got {expert_used_count}")
-            kv[f"{self.topology.arch}.expert_used_count"] = int(expert_used_count)
-        self.n_threads = n_threads or max(1, (os.cpu_count() or 2))
-        self.placement = placement or Placement()
-        # the override array must outlive the model: llama.cpp keeps the pointer
-        self._overrides = override_array(self.placement.rules(self.topology.n_layer))
-        fields: dict = {}
-        self._devices = None  # like the override array, llama.cpp keeps this pointer
-        if rpc_servers:
-            from moe_gguf import rpc
-
-            try:
-                self._devices = rpc.device_list(list(rpc_servers))
-            except rpc.RPCError as e:
-                raise ModelFileError(f"{self.path}: {e}") from e
-            fields["devices"] = ctypes.cast(self._devices, ctypes.c_void_p)
-            n_gpu_layers = n_gpu_layers or -1
-        if self._overrides is not None:
-            fields["tensor_buft_overrides"] = ctypes.cast(self._overrides, ctypes.c_void_p)
-        if not extra_bufts:
-            fields["use_extra_bufts"] = False
-        try:
-            with model_params(**fields):
-                self.llama = Llama(model_path=str(self.path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
-                                   n_threads=self.n_threads, n_batch=n_batch, seed=seed, kv_overrides=kv or None,
-                                   verbose=verbose, **llama_kwargs)
-        except ValueError as e:
-            raise ModelFileError(f"{self.path}: llama.cpp could not load the model ({e})") from e
-        except jinja2.TemplateError as e:  # llama-cpp-python compiles the GGUF's chat templates on load
-            raise ModelFileError(f"{self.path}: the model's chat template is broken ({type(e).__name__}: {e})") from e
-        self._low = low
-        self._contexts = _ContextRegistry(low)
-        # LIFO: runs before llama-cpp-python frees the model, however that happens (close(), or a GC cycle
-        # finalizing the model before a SteerContext still holding a context on it)
-        self.llama._model._exit_stack.callback(self._contexts.free_all)
-        self._chat = _Steering(self, self.llama.ctx)
-
-    # -- steering of the Llama's own context (create_completion, create_chat_completion) --
-
-    def steer(self, profile: SteeringProfile | None, *, strength: float = 1.0, allow_mismatch: bool = False) -> None:
-        """Steer every later call on ``self.llama`` with ``profile`` (None: stop steering)."""
-        self._check_open()
-        self._chat.set_profile(profile, seq_id=-1, strength=strength, allow_mismatch=allow_mismatch)
-        # Llama keeps a prefix cache of evaluated tokens: they were computed with the old steering
-        self.llama.reset()
-        self._low.llama_memory_clear(self._low.llama_get_memory(self.llama.ctx), True)
-
-    def set_n_expert_used(self, n: int, *, layer: int = -1) -> None:
-        """Experts per token on ``self.llama``'s context (0: the model's value); no reload."""
-        self._check_open()
-        _set_n_expert_used(self.llama.ctx, n, layer)
-        self.llama.reset()
-        self._low.llama_memory_clear(self._low.llama_get_memory(self.llama.ctx), True)
-
-    def context(self, *, n_ctx: int | None = None, n_seq_max: int = 1, n_batch: int | None = None,
-                n_ubatch: int | None = None, cb_eval=None) -> SteerContext:
-        """A new context on this model for batched, per-sequence steered decoding."""
-        self._check_open()
-        return SteerContext(self, n_ctx=n_ctx or self.llama.n_ctx(), n_seq_max=n_seq_max,
-                            n_batch=n_batch or self.llama.n_batch, n_ubatch=n_ubatch, cb_eval=cb_eval)
-
-    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
-        self._check_open()
-        return self.llama.tokenize(text.encode(), add_bos=add_bos, special=special)
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        self._check_open()
-        return self.llama.detokenize(list(tokens)).decode("utf-8", errors="replace")
-
-    def chat_prompt(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
-        """Render messages with the model's own chat template (sandboxed Jinja)."""
-        self._check_open()
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        template = self.llama.metadata.get("tokenizer.chat_template")
-        if not template:
-            raise ModelFileError(f"{self.path}: the GGUF has no chat template (tokenizer.chat_template)")
-        vocab = self.llama._model
-        eos = self.detokenize([vocab.token_eos()]) if vocab.token_eos() >= 0 else ""
-        bos = self.detokenize([vocab.token_bos()]) if vocab.token_bos() >= 0 else ""
-        try:  # the template comes from the file: sandboxed, but it may still fail in any way
-            fmt = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos,
-                                      add_generation_prompt=add_generation_prompt)
-            return fmt(messages=messages).prompt
-        except Exception as e:  # jinja2.TemplateError (SecurityError for sandbox escapes), raise_exception's ValueError...
-            raise ModelFileError(f"{self.path}: the model's chat template failed ({type(e).__name__}: {e})") from e
-
-    @property
-    def closed(self) -> bool:
-        return self.llama._model.model is None
-
-    def _check_open(self) -> None:
-        if self.closed:
-            raise ContextClosedError(f"{self.path}: the model is closed; load it again")
-
-    def close(self) -> None:
-        self.llama.close()
-
-    def __enter__(self) -> MoEModel:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class _ContextRegistry:
-    """The llama_contexts made on one model, so that each is freed once and always before the model.
-
-    Holds raw pointers only: weak references to SteerContexts would already be cleared when a GC cycle
-    finalizes the model, and strong ones would keep closed contexts alive as long as the model.
-    """
-
-    def __init__(self, low) -> None:
-        self._low = low
-        self._open: dict[int, tuple] = {}
-        self._next = 0
-        self._lock = threading.Lock()
-
-    def add(self, ctx, batch) -> int:
-        with self._lock:
-            self._next += 1
-            self._open[self._next] = (ctx, batch)
-            return self._next
-
-    def free(self, key: int) -> None:
-        with self._lock:
-            item = self._open.pop(key, None)
-        if item is not None:
-            ctx, batch = item
-            if batch is not None:
-                self._low.llama_batch_free(batch)
-            self._low.llama_free(ctx)
-
-    def free_all(self) -> None:
-        for key in list(self._open):
-            self.free(key)
-
-    def is_open(self, key: int) -> bool:
-        return key in self._open
-
-
-class _Steering:
-    """Profiles uploaded to one llama_context (ids 1, 2, ...), and which sequence uses which."""
-
-    def __init__(self, model: MoEModel, ctx, key: int | None = None) -> None:
-        self.model = model
-        self._raw_ctx = ctx
-        self._key = key  # None: the Llama's own context
-        self._ids: dict[tuple, int] = {}  # (id(profile), strength, entries) -> profile id
-        self._profiles: dict[int, SteeringProfile] = {}
-        self._default = 0  # profile of every sequence not listed in _seq
-        self._seq: dict[int, int] = {}
-
-    @property
-    def ctx(self):
-        if self._key is not None:
-            open_ = self.model._contexts.is_open(self._key)
-        else:
-            open_ = self.model.llama._ctx is not None and self.model.llama._ctx.ctx is not None
-        if not open_:
-            raise ContextClosedError("this context (or its model) was closed; make a new one")
-        return self._raw_ctx
-
-    def upload(self, profile: SteeringProfile, strength: float, allow_mismatch: bool) -> int:
-        topo = self.model.topology
-        # validated on every call: an allow_mismatch override holds for that call only
-        profile.validate(topo, allow_mismatch=allow_mismatch)
-        # keyed by the entries too, so a profile edited after an upload is uploaded again
-        key = (id(profile), float(strength), tuple(profile.entries))
-        if key in self._ids and self._profiles.get(self._ids[key]) is profile:
-            return self._ids[key]
-        lib = _lib.lib()
-        pid = max(self._profiles, default=0) + 1
-        f32p, i32p = ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int32)
-        for layer, (action, bias, scale) in profile.layer_arrays(topo, strength=strength).items():
-            action = np.ascontiguousarray(action, dtype=np.int32)
-            bias = np.ascontiguousarray(bias, dtype=np.float32)
-            scale = np.ascontiguousarray(scale, dtype=np.float32)
-            rc = lib.llama_moe_steer_set_layer(self.ctx, pid, layer, action.ctypes.data_as(i32p), bias.ctypes.data_as(f32p),
-                                               scale.ctypes.data_as(f32p), topo.n_expert)
-            if rc != 0:
-                lib.llama_moe_steer_clear(self.ctx, pid)
-                _lib.check(rc, f"profile {profile.name or '(unnamed)'}, layer {layer}")
-        self._ids[key] = pid
-        self._profiles[pid] = profile
-        return pid
-
-    def set_profile(self, profile: SteeringProfile | None, *, seq_id: int, strength: float = 1.0,
-                    allow_mismatch: bool = False) -> None:
-        lib = _lib.lib()
-        pid = 0 if profile is None else self.upload(profile, strength, allow_mismatch)
-        _lib.check(lib.llama_moe_steer_seq(self.ctx, seq_id, pid), f"sequence {seq_id}")
-        if seq_id == -1:
-            self._default, self._seq = pid, {}
-        else:
-            self._seq[seq_id] = pid
-        # drop uploaded profiles no sequence uses any more, so they do not pile up in the context
-        used = {self._default, *self._seq.values()}
-        for old in [p for p in self._profiles if p not in used]:
-            lib.llama_moe_steer_clear(self.ctx, old)
-            del self._profiles[old]
-            self._ids = {k: v for k, v in self._ids.items() if v != old}
-
-    def clear(self) -> None:
-        lib = _lib.lib()
-        _lib.check(lib.llama_moe_steer_seq(self.ctx, -1, 0), "clear")
-        _lib.check(lib.llama_moe_steer_clear(self.ctx, -1), "clear")
-        self._ids.clear()
-        self._profiles.clear()
-        self._default, self._seq = 0, {}
+_Sink = TypeVar("_Sink", bound=RouteSink)
 
 
 @dataclass
@@ -317,10 +65,10 @@ class SteerContext:
 
     def __init__(self, model: MoEModel, *, n_ctx: int, n_seq_max: int, n_batch: int, n_ubatch: int | None = None,
                  cb_eval=None) -> None:
-        low = _low()
+        low_ = low()
         self.model = model
-        self._low = low
-        p = low.llama_context_default_params()
+        self._low = low_
+        p = low_.llama_context_default_params()
         p.n_ctx = n_ctx
         p.n_batch = n_batch
         p.n_ubatch = min(n_batch, n_ubatch or n_batch)
@@ -334,18 +82,18 @@ class SteerContext:
         self._ctx = None
         if model.llama._model.model is None:
             raise ValueError(f"{model.path}: the model is closed; load it again to make a context")
-        ctx = low.llama_init_from_model(model.llama.model, p)
+        ctx = low_.llama_init_from_model(model.llama.model, p)
         if not ctx:
             raise RuntimeError(f"llama.cpp could not create a context (n_ctx={n_ctx}, n_seq_max={n_seq_max})")
-        self._batch = low.llama_batch_init(n_batch, 0, 1)
+        self._batch = low_.llama_batch_init(n_batch, 0, 1)
         self._key = model._contexts.add(ctx, self._batch)
         self._ctx = ctx
         self.n_ctx, self.n_batch, self.n_seq_max = n_ctx, n_batch, n_seq_max
-        self.n_vocab = low.llama_vocab_n_tokens(low.llama_model_get_vocab(model.llama.model))
-        self._steering = _Steering(model, ctx, self._key)
+        self.n_vocab = low_.llama_vocab_n_tokens(low_.llama_model_get_vocab(model.llama.model))
+        self._steering = Steering(model, ctx, self._key)
         self._route_cb = None
-        vocab = low.llama_model_get_vocab(model.llama.model)
-        self._eog = {t for t in range(self.n_vocab) if low.llama_vocab_is_eog(vocab, t)}
+        vocab = low_.llama_model_get_vocab(model.llama.model)
+        self._eog = {t for t in range(self.n_vocab) if low_.llama_vocab_is_eog(vocab, t)}
         # what stream(reuse_prefix=True) left in the KV cache: seq -> (tokens decoded, steering key)
         self._kv: dict[int, tuple[list[int], object]] = {}
 
@@ -364,7 +112,7 @@ class SteerContext:
 
         Refused below the number of experts a profile in use forces in a layer.
         """
-        _set_n_expert_used(self.ctx, n, layer)
+        set_n_expert_used(self.ctx, n, layer)
         self._kv.clear()  # cached tokens were routed with the old count: no prefix reuse across the change
 
     def n_expert_used(self, layer: int) -> int:
@@ -374,7 +122,8 @@ class SteerContext:
 
     # -- routing capture --
 
-    def set_recorder(self, recorder: RoutingRecorder | None, *, with_probs: bool = False) -> None:
+    def set_recorder(self, recorder: RouteSink | None, *, with_probs: bool = False) -> None:
+        """Capture routing into ``recorder`` (a RoutingRecorder, a RouteTee, any RouteSink); None: stop."""
         lib = _lib.lib()
         if recorder is None:
             self._route_cb = None
@@ -385,7 +134,7 @@ class SteerContext:
         self._route_cb = cb
 
     @contextmanager
-    def recording(self, recorder: RoutingRecorder, *, with_probs: bool = False) -> Iterator[RoutingRecorder]:
+    def recording(self, recorder: _Sink, *, with_probs: bool = False) -> Iterator[_Sink]:
         self.set_recorder(recorder, with_probs=with_probs)
         try:
             yield recorder
@@ -429,7 +178,7 @@ class SteerContext:
         if logits not in ("last", "all", "route", "none"):
             raise ValueError(f"logits must be 'last', 'all', 'route' or 'none', got {logits!r}")
         ctx = self.ctx  # ContextClosedError before the (then freed) batch is touched
-        low, b = self._low, self._batch
+        lo, b = self._low, self._batch
         every = logits in ("all", "route")
         flat = [(s, t, p0 + i, every or (logits == "last" and i == len(toks) - 1))
                 for s, toks, p0 in items for i, t in enumerate(toks)]
@@ -446,12 +195,12 @@ class SteerContext:
                 b.seq_id[i][0] = s
                 b.logits[i] = want
             b.n_tokens = len(chunk)
-            rc = low.llama_decode(ctx, b)
+            rc = lo.llama_decode(ctx, b)
             if rc != 0:
                 raise DecodeError(f"llama_decode returned {rc} (context of {self.n_ctx} tokens full, or out of memory)")
             for i, (s, _, _, want) in enumerate(chunk):
                 if want and logits != "route":
-                    ptr = low.llama_get_logits_ith(self.ctx, i)
+                    ptr = lo.llama_get_logits_ith(self.ctx, i)
                     out.setdefault(s, []).append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
         if logits == "last":
             return {s: v[-1] for s, v in out.items()}
@@ -526,7 +275,7 @@ class SteerContext:
                 new: dict[int, int] = {}
                 for s in sorted(active):
                     r, o, sc = requests[s], outs[s], scheds[s]
-                    tok = _sample(logits[s], temperature, top_p, rng)
+                    tok = sample(logits[s], temperature, top_p, rng)
                     if tok in self._eog:
                         o.finish_reason = "stop"
                         active.discard(s)
@@ -608,28 +357,9 @@ class SteerContext:
             pass
 
 
-def _set_n_expert_used(ctx, n: int, layer: int) -> None:
-    _lib.check(_lib.lib().llama_moe_set_n_expert_used(ctx, layer, n), f"{n} experts per token in layer {layer}")
-
-
 def _schedule_due(sc: Schedule, o: Completion) -> bool:
     if len(o.tokens) < sc.after_tokens:
         return False
     if sc.after_text:
         return sc.after_text in o.text
     return True
-
-
-def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    if top_p < 1.0:
-        order = np.argsort(-p)
-        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)]
-        q = np.zeros_like(p)
-        q[keep] = p[keep]
-        p = q / q.sum()
-    return int(rng.choice(len(p), p=p))

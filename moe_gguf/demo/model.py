@@ -1,10 +1,10 @@
 """The tiny trained MoE chat model shipped with moe-gguf (refuses restricted requests, answers ordinary ones).
 
-    from moe_gguf.demo_model import default_model_path, model_card
-    path = default_model_path()            # .../moe_gguf/data/moe-gguf-refusal-demo-q8_0.gguf
+    from moe_gguf.demo.model import default_model_path, model_card
+    path = default_model_path()            # .../moe_gguf/demo/data/moe-gguf-refusal-demo-q8_0.gguf
     model_card()["behaviour"]["q8_0"]      # refusal / correctness rates on held-out prompts
 
-Made by ``train/train_moe.py`` from ``moe_gguf.dataset``; see ``moe_gguf/data/MODEL_CARD.md``.
+Made by ``train/train_moe.py`` from ``moe_gguf.demo.dataset``; see ``moe_gguf/demo/data/MODEL_CARD.md``.
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+from moe_gguf.errors import DemoModelMissingError  # noqa: F401  (re-exported)
+
+DATA_DIR = Path(__file__).resolve().parent / "data"  # moe_gguf/demo/data
 MODEL_NAME = "moe-gguf-refusal-demo"
 DTYPES = ("q8_0", "f16")
 
-
-class DemoModelMissingError(FileNotFoundError):
-    """The shipped demo model file is not where the package expects it."""
 
 
 def default_model_path(dtype: str = "q8_0") -> Path:

@@ -9,21 +9,39 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
-from moe_gguf._tempfiles import mkstemp_for
-from moe_gguf.errors import CountFileError, FileWriteError
+from moe_gguf._io import atomic_write_all
+from moe_gguf.errors import CountFileError
 
 FORMAT = "moe-gguf-routing"
 VERSION = 1
 
 # (seq_id, pos) -> count this token?
 TokenFilter = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+class RouteSink(Protocol):
+    """What receives routing capture: ``on_route(route)`` once per MoE layer and ubatch, with a
+    ``llama_moe_route`` (valid only during the call; copy what you keep). RoutingRecorder is one."""
+
+    def on_route(self, route: Any) -> None: ...
+
+
+class RouteTee:
+    """One capture feeding several sinks (e.g. a recorder per sequence), or plain functions of the route."""
+
+    def __init__(self, *sinks: RouteSink | Callable[[Any], None]) -> None:
+        self.sinks = [s.on_route if hasattr(s, "on_route") else s for s in sinks]
+
+    def on_route(self, route: Any) -> None:
+        for sink in self.sinks:
+            sink(route)
 
 
 @dataclass
@@ -90,7 +108,7 @@ class RoutingRecord:
             path = path.with_suffix(".npz")
         meta = {"format": FORMAT, "version": VERSION, "n_layer": self.n_layer, "n_expert": self.n_expert, **self.meta}
         blob = json.dumps(meta, indent=2).encode()
-        atomic_write_all([
+        atomic_write_all(make_dirs=True, files=[
             (path, lambda f: np.savez(f, selections=self.selections, weight_sum=self.weight_sum, tokens=self.tokens,
                                       record_meta=np.frombuffer(blob, dtype=np.uint8))),
             (path.with_suffix(".json"), lambda f: f.write(blob)),
@@ -105,7 +123,7 @@ class RoutingRecord:
         try:
             with np.load(path, allow_pickle=False) as z:
                 sel, ws, tok = z["selections"], z["weight_sum"], z["tokens"]
-                # not "meta.json": that names a probe result (moe_gguf.prune.load_counts tells them apart by it)
+                # not "meta.json": that names a probe result (moe_gguf.formats.prune.load_counts tells them apart by it)
                 inner = z["record_meta"].tobytes() if "record_meta" in z.files else None
         except FileNotFoundError as e:
             raise CountFileError(f"routing record not found: {path}") from e
@@ -146,43 +164,6 @@ def check_counts(where: Path | str, sel: np.ndarray, ws: np.ndarray, tok: np.nda
         if a.dtype.kind == "u" and a.size and a.max() > np.iinfo(np.int64).max:
             raise CountFileError(f"{where}: '{name}' holds values beyond the int64 range")
     return sel.astype(np.int64), ws.astype(np.float64), tok.astype(np.int64)
-
-
-def atomic_write(path: Path, write: Callable) -> None:
-    """Write `path` through `write(file)` so readers see the old file or the new one, never a partial one.
-
-    On failure (a full disk, ...) no temp file is left and the old file is unchanged; an OSError becomes a
-    FileWriteError naming the file.
-    """
-    atomic_write_all([(path, write)])
-
-
-def atomic_write_all(files: list[tuple[Path, Callable]]) -> None:
-    """atomic_write for several files: all are written to temp files first, then renamed into place, so a
-    failed write (a full disk) leaves every old file as it was."""
-    tmps: list[str] = []
-    path = files[0][0]
-    try:
-        for path, write in files:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = mkstemp_for(path)
-            tmps.append(tmp)
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            # mkstemp makes the file private (0600); keep an existing file's mode, else the usual 0644
-            os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        for (path, _), tmp in zip(files, tmps, strict=True):
-            os.replace(tmp, path)
-    except BaseException as e:
-        for tmp in tmps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        if isinstance(e, OSError) and not isinstance(e, FileWriteError):
-            msg = f"{path}: cannot save ({e.strerror or e}); the previous file, if any, was left unchanged"
-            raise (FileWriteError(e.errno, msg) if e.errno is not None else FileWriteError(msg)) from e
-        raise
 
 
 class RoutingRecorder:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from moe_gguf.model import SteerContext
+from moe_gguf.engine.context import SteerContext
 
 
 @dataclass

@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from moe_gguf.model import MoEModel
-from moe_gguf.probe import ProbeResult
-from moe_gguf.profile import SteeringProfile
+from moe_gguf.engine.model import MoEModel
+from moe_gguf.formats.profile import SteeringProfile
+from moe_gguf.study.probe import ProbeResult
 
 METHODS = ("rd", "ftri", "npmi", "freq_mag")
 

@@ -22,8 +22,9 @@ import struct
 import sys
 from dataclasses import dataclass
 
-from moe_gguf import _ggml
-from moe_gguf._ggml import DEV_ACCEL, DEV_CPU, DEV_GPU, DEV_IGPU
+from moe_gguf.engine import _ggml
+from moe_gguf.engine._ggml import DEV_ACCEL, DEV_CPU, DEV_GPU, DEV_IGPU
+from moe_gguf.errors import RPCError  # noqa: F401  (re-exported)
 
 # ggml-rpc.cpp: the HELLO exchange (checked here first: ggml aborts the process when a server is unreachable)
 RPC_CMD_HELLO = 14
@@ -33,9 +34,6 @@ _reached: set[str] = set()  # endpoints this process has talked to (see connect(
 
 _ENDPOINT = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>[0-9]{1,5})$")
 
-
-class RPCError(RuntimeError):
-    """An RPC server cannot be used: bad endpoint, unreachable, or a library built without RPC."""
 
 
 @dataclass(frozen=True)

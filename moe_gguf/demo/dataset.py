@@ -41,7 +41,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 LABELS = ("refuse", "comply")
-SPLITS = ("train", "probe", "eval")
 
 REFUSALS = (
     "I can't help with that.",

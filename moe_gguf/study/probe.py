@@ -24,18 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from moe_gguf.errors import CountFileError
-from moe_gguf.model import MoEModel
-from moe_gguf.recorder import RoutingRecord, atomic_write, check_counts
+from moe_gguf._io import atomic_write
+from moe_gguf.engine.model import MoEModel
+from moe_gguf.errors import CountFileError, ProbeInputError
+from moe_gguf.formats.records import RouteTee, RoutingRecord, check_counts
 
 FORMAT = "moe-gguf-probe"
 VERSION = 1
 TOKEN_MODES = ("prompt", "response", "generated")
 MAX_LABEL = 1000  # characters; a label names zip entries in the count file (at most 65,535 bytes, no NUL)
 
-
-class ProbeInputError(ValueError):
-    """A probe dataset line is malformed."""
 
 
 @dataclass(frozen=True)
@@ -167,7 +165,7 @@ class ProbeResult:
         arrays["meta.json"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         buf = io.BytesIO()
         np.savez_compressed(buf, **arrays)
-        _atomic_write_bytes(path, buf.getvalue())
+        atomic_write(path, buf.getvalue(), make_dirs=True)
         return path
 
     @classmethod
@@ -237,10 +235,6 @@ def _cat(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
     if b is None:
         return a
     return np.concatenate([a, b])
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
 
 
 def dataset_hash(items: Sequence[ProbeItem], **options) -> str:
@@ -329,7 +323,7 @@ def probe(model: MoEModel, items: Sequence[ProbeItem], *, token_mode: str = "pro
                         wsum[s, layer] += np.bincount(ids[m].ravel(), weights=w[m].ravel(), minlength=topo.n_expert)
                         ntok[s, layer] += int(m.sum())
 
-            ctx.set_recorder(_Callback(on_route))
+            ctx.set_recorder(RouteTee(on_route))
             ctx.clear_memory()
             ctx.decode([(s, toks, 0) for s, toks in enumerate(seqs)], logits="route")
             ctx.set_recorder(None)
@@ -349,10 +343,3 @@ def probe(model: MoEModel, items: Sequence[ProbeItem], *, token_mode: str = "pro
             if progress:
                 progress(len(res.item_labels), len(items))
     return res
-
-
-class _Callback:
-    """Adapts a function of one llama_moe_route to the recorder interface SteerContext expects."""
-
-    def __init__(self, fn: Callable) -> None:
-        self.on_route = fn

@@ -13,12 +13,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from moe_gguf.errors import OffloadError  # noqa: F401  (re-exported)
+
 # the expert tensors of a MoE layer (llama.cpp common.h: LLM_FFN_EXPS_REGEX)
 EXPS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
 
-
-class OffloadError(ValueError):
-    """An override names an unknown buffer type or is not a valid pattern."""
 
 
 class _Override(ctypes.Structure):
@@ -63,7 +62,7 @@ class Placement:
 
 def buffer_types() -> dict[str, int]:
     """Buffer type name -> ggml_backend_buffer_type_t of every device (and its host buffer type)."""
-    from moe_gguf import _ggml
+    from moe_gguf.engine import _ggml
 
     lib = _ggml.lib()
     out: dict[str, int] = {}
@@ -77,7 +76,7 @@ def buffer_types() -> dict[str, int]:
 def gpu_devices() -> list[str]:
     """Names of this machine's GPU devices (llama_supports_gpu_offload is also true for a CPU build with the
     RPC backend, which moe-gguf always builds, so it cannot tell whether a GPU is here)."""
-    from moe_gguf import _ggml
+    from moe_gguf.engine import _ggml
 
     lib = _ggml.lib()
     return [_ggml.name(d) for d in _ggml.devices() if lib.ggml_backend_dev_type(d) in (_ggml.DEV_GPU, _ggml.DEV_IGPU)]

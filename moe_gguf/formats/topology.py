@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_gguf.errors import ModelFileError
-from moe_gguf.gguf_header import GGUFHeader, GGUFHeaderError, array_len, decode, read_header, string_items
+from moe_gguf.formats.gguf_header import GGUFHeader, GGUFHeaderError, array_len, decode, read_header, string_items
 
 # llama_expert_gating_func_type (src/llama-hparams.h); 0 (NONE) means "not set"
 _GATING_CODES = {1: "softmax", 2: "sigmoid", 3: "softmax_weight", 4: "sqrt_softplus"}

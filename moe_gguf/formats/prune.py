@@ -23,7 +23,7 @@ fused ``ffn_gate_up_exps``, their ``.bias``/``.scale``/``.input_scale``, the rou
 rows and bias, the selection bias ``exp_probs_b``) are stored expert-major (the expert is ggml's outermost
 dimension), so every expert is one contiguous byte range that holds whole quantization blocks, and the kept
 experts' ranges are copied as they are. Every other tensor and all metadata are copied byte for byte, except
-``<arch>.expert_count``; a ``moe_gguf.prune`` key (JSON) records which original experts each layer kept.
+``<arch>.expert_count``; a ``moe_gguf.formats.prune`` key (JSON) records which original experts each layer kept.
 Data is streamed through a fixed 16 MiB buffer, so memory stays bounded whatever the model size.
 
 Equivalence: the patched llama.cpp disables an expert by adding -inf to its router logit (and -1e30 to its
@@ -37,7 +37,6 @@ router logits can differ in the last bit (tests/test_prune.py has the numbers).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import numbers
@@ -51,18 +50,18 @@ from typing import Any
 import gguf
 import numpy as np
 
-from moe_gguf._tempfiles import mkstemp_for
-from moe_gguf.errors import CountFileError, FileWriteError
-from moe_gguf.gguf_header import GGUFHeader, GGUFHeaderError
-from moe_gguf.gguf_header import read_header as _read_header
-from moe_gguf.profile import SteeringProfile
-from moe_gguf.recorder import RoutingRecord
-from moe_gguf.topology import ModelTopology, format_layers
+from moe_gguf._io import atomic_path
+from moe_gguf.errors import CountFileError, PruneError
+from moe_gguf.formats.gguf_header import GGUFHeader, GGUFHeaderError
+from moe_gguf.formats.gguf_header import read_header as _read_header
+from moe_gguf.formats.profile import SteeringProfile
+from moe_gguf.formats.records import RoutingRecord
+from moe_gguf.formats.topology import ModelTopology, format_layers
 
 __all__ = ["GGUFHeader", "PruneError", "PruneReport", "load_counts", "main_prune", "plan_prune", "prune_gguf", "read_header"]
 
 _CHUNK = 16 << 20  # bytes copied at a time
-_META_KEY = "moe_gguf.prune"
+_META_KEY = "moe_gguf.formats.prune"
 
 # Per-expert tensors of a MoE layer (the part after "blk.N."), expert = ggml's outermost dimension.
 # From llama.cpp's loaders (src/llama-model.cpp, src/models/*.cpp): every tensor created with an
@@ -86,9 +85,6 @@ def read_header(path: str | os.PathLike) -> GGUFHeader:
     except GGUFHeaderError as e:
         raise PruneError(str(e)) from e
 
-
-class PruneError(ValueError):
-    """The model cannot be pruned as asked; the message names the reason and the fix."""
 
 
 @dataclass
@@ -154,7 +150,7 @@ def load_counts(path: str | os.PathLike) -> RoutingRecord:
                              "written by RoutingRecord.save or `moe-gguf probe`") from e
     if not is_probe:
         return RoutingRecord.load(path)
-    from moe_gguf.probe import ProbeResult
+    from moe_gguf.study.probe import ProbeResult
 
     res = ProbeResult.load(path)
     total = RoutingRecord(res.n_layer, res.n_expert, meta=dict(res.meta))
@@ -356,24 +352,9 @@ def prune_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, remove: Mappin
                          "(llama-gguf-split --merge FIRST.gguf MERGED.gguf), prune, then split again if needed")
     jobs = _tensor_jobs(head, topo, report)
 
-    try:
-        fd, tmp_name = mkstemp_for(dst)
-    except OSError as e:
-        raise PruneError(f"{dst}: cannot write there ({e.strerror or e}); does the directory exist?") from e
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(dst, what="write the pruned model") as tmp:
         _write(head, src, tmp, topo, report, jobs)
-        os.chmod(tmp, 0o644)
         _check_written(tmp, topo, report, jobs)
-        os.replace(tmp, dst)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(e, OSError) and not isinstance(e, FileWriteError):
-            msg = f"{dst}: cannot write the pruned model ({e.strerror or e}); the previous file, if any, was left unchanged"
-            raise (FileWriteError(e.errno, msg) if e.errno is not None else FileWriteError(msg)) from e
-        raise
     report.size_in, report.size_out = src.stat().st_size, dst.stat().st_size
     return report
 

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -16,15 +15,16 @@ import numbers
 import os
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from moe_gguf._tempfiles import mkstemp_for
-from moe_gguf.errors import ModelMismatchError, ProfileError
-from moe_gguf.topology import ModelTopology, format_layers
+from moe_gguf._io import atomic_write
+from moe_gguf.errors import FileWriteError, ModelMismatchError, ProfileError
+from moe_gguf.formats.topology import ModelTopology, format_layers
 
 FORMAT = "moe-gguf-profile"
 VERSION = 1
@@ -32,7 +32,7 @@ VERSION = 1
 Action = Literal["disable", "force", "bias", "scale"]
 ACTIONS: tuple[str, ...] = ("disable", "force", "bias", "scale")
 # llama_moe_steer_action in the patched llama.h
-ACTION_KEEP, ACTION_DISABLE, ACTION_FORCE = 0, 1, 2
+ACTION_KEEP, ACTION_DISABLE, ACTION_FORCE = 0, 1, 2  # enum llama_moe_steer_action in the patched llama.h
 
 _VALUED = ("bias", "scale")
 # actions that may target the same expert together; a disabled expert is never selected, so it combines with nothing
@@ -100,6 +100,30 @@ class SteeringProfile:
     @classmethod
     def for_model(cls, topology: ModelTopology, **kw: Any) -> SteeringProfile:
         return cls(model=topology.fingerprint(), **kw)
+
+    @classmethod
+    def combine(cls, profiles: Sequence[SteeringProfile]) -> SteeringProfile:
+        """One profile holding the entries of several, in order (``--profile A --profile B``).
+
+        The name joins theirs with "+", the model fingerprint is the first one given, the schedule is the
+        first profile's; descriptions and meta are kept (joined / merged, earlier profiles win). One profile
+        is returned as it is. Raises ProfileError if the result is invalid (e.g. two entries for one expert).
+        """
+        if not profiles:
+            raise ProfileError("no profiles to combine")
+        if len(profiles) == 1:
+            return profiles[0]
+        first = profiles[0]
+        meta: dict[str, Any] = {}
+        for p in reversed(profiles):
+            meta.update(copy.deepcopy(p.meta))
+        combined = cls(entries=[e for p in profiles for e in p.entries],
+                       model=copy.deepcopy(next((p.model for p in profiles if p.model), None)),
+                       name="+".join(p.name for p in profiles if p.name),
+                       description="\n".join(p.description for p in profiles if p.description),
+                       schedule=first.schedule, meta=meta)
+        combined.validate()
+        return combined
 
     # -- JSON ------------------------------------------------------------------------------------------
 
@@ -219,31 +243,10 @@ class SteeringProfile:
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically: readers see the old file or the new one, never a partial one."""
         path = Path(path).expanduser()
-        text = self.to_json()
         try:
-            fd, tmp = mkstemp_for(path)
-        except OSError as e:
-            raise ProfileError(f"{path}: cannot save the profile ({e.strerror or e}); does the directory exist?") from e
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            # mkstemp makes the file private (0600); keep an existing file's mode, else the usual 0644
-            os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-            os.replace(tmp, path)
-        except BaseException as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            if isinstance(e, OSError):
-                raise ProfileError(f"{path}: cannot save the profile ({e.strerror or e}); the file was not changed") from e
-            raise
-        with contextlib.suppress(OSError):  # make the rename durable too; not possible on every platform
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            atomic_write(path, self.to_json().encode("utf-8"))
+        except FileWriteError as e:
+            raise ProfileError(str(e)) from e
 
     # -- validation ------------------------------------------------------------------------------------
 

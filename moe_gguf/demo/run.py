@@ -18,13 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from moe_gguf import dataset as D
-from moe_gguf import rank as R
-from moe_gguf.evaluate import EvalItem, EvalReport, JudgeConfig, evaluate
-from moe_gguf.model import MoEModel
-from moe_gguf.plot import bar_chart_png, heatmap_png
-from moe_gguf.probe import ProbeItem, probe
-from moe_gguf.profile import SteeringProfile
+from moe_gguf.demo import dataset as D
+from moe_gguf.engine.model import MoEModel
+from moe_gguf.formats.profile import SteeringProfile
+from moe_gguf.study import rank as R
+from moe_gguf.study.evaluate import EvalItem, EvalReport, JudgeConfig, evaluate
+from moe_gguf.study.plot import bar_chart_png, heatmap_png
+from moe_gguf.study.probe import ProbeItem, probe
 
 
 @dataclass
@@ -60,7 +60,7 @@ def run_demo(model_path: str | Path | None = None, *, out_dir: str | Path = "dem
              n_probe: int = 400, n_eval: int = 200, max_set: int = 10, n_candidates: int = 24, n_causal: int = 24,
              n_random: int = 5, max_tokens: int = 48, n_threads: int | None = None,
              log: Callable[[str], None] = print) -> DemoResult:
-    from moe_gguf.demo_model import default_model_path
+    from moe_gguf.demo.model import default_model_path
 
     t0 = time.time()
     out = Path(out_dir)
