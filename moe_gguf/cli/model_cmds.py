@@ -171,12 +171,16 @@ def sweep(model_path, ks, text_file, max_text_tokens, json_out, **load) -> None:
 @llama_options
 @click.option("--profile", "profiles", multiple=True, type=click.Path(dir_okay=False), help="Steering profile(s) to load.")
 @click.option("--system", "system_prompt", default=None, help="System prompt.")
-def chat(model_path, profiles, system_prompt, n_gpu_layers, n_ctx, threads, expert_used, **placement) -> None:
+@click.option("--allow-model-mismatch", is_flag=True,
+              help="Apply a profile made for another model if its entries fit (a switch in the Steer tab too).")
+def chat(model_path, profiles, system_prompt, allow_model_mismatch, n_gpu_layers, n_ctx, threads, expert_used,
+         **placement) -> None:
     """Chat in the terminal with live expert steering (default model: the shipped demo model)."""
     from moe_gguf.tui.app import run_chat
 
     run_chat(model_path=model_path, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads,
-             expert_used_count=expert_used, profiles=list(profiles), system_prompt=system_prompt, **placement)
+             expert_used_count=expert_used, profiles=list(profiles), system_prompt=system_prompt,
+             allow_model_mismatch=allow_model_mismatch, **placement)
 
 
 @main.command("rpc-server")
