@@ -43,9 +43,7 @@ DEFAULT_BINDINGS: dict[str, tuple[str, str]] = {
     "toggle_steering": ("ctrl+t", "Steering on / off"),
     "compare": ("ctrl+l", "Compare mode: steered and unsteered side by side"),
     "toggle_panel": ("f3", "Show / hide the side panel"),
-    "show_steer": ("f6", "Side panel: the Steer tab"),
-    "show_experts": ("f7", "Side panel: the Experts heatmap"),
-    "show_tokens": ("f8", "Side panel: the Tokens tab"),
+    "next_tab": ("f2", "Side panel: next tab (Steer, Experts, Tokens), opening the panel"),
     "focus_input": ("f4", "Focus the message input"),
     "quit": ("ctrl+q", "Quit"),
 }

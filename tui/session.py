@@ -276,6 +276,14 @@ class ChatSession:
             return None
         if self._frozen is None:
             self._frozen = copy.deepcopy(self.profile)
+            topo = self.topology
+            if self.allow_mismatch and topo is not None and self._frozen.model is not None \
+                    and self._frozen._mismatches(topo):
+                # the user allowed this profile (made for another model) and its entries were checked against this
+                # model when it was loaded: the copy that steers carries this model's fingerprint, as stream()
+                # validates profiles without an allow_mismatch switch
+                self._frozen.validate(topo, allow_mismatch=True)
+                self._frozen.model = topo.fingerprint()
             if self.ctx is not None:
                 self.ctx.clear_steering()  # forget tables uploaded for earlier versions of the profile
         return self._frozen

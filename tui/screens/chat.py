@@ -72,9 +72,7 @@ class ChatScreen(Screen):
         Binding("ctrl+s", "settings", "Settings", id="settings"),
         Binding("f3", "toggle_panel", "Panel", id="toggle_panel"),
         Binding("f4", "focus_input", "Input", id="focus_input", show=False),
-        Binding("f6", "show_tab('tab-steer')", "Steer tab", id="show_steer", show=False),
-        Binding("f7", "show_tab('tab-experts')", "Experts tab", id="show_experts", show=False),
-        Binding("f8", "show_tab('tab-tokens')", "Tokens tab", id="show_tokens", show=False),
+        Binding("f2", "next_tab", "Tab", id="next_tab"),
     ]
 
     def __init__(self) -> None:
@@ -647,6 +645,16 @@ class ChatScreen(Screen):
             self.notify(f"Compare mode {'on: steered and unsteered side by side' if self.compare_mode else 'off'}")
         self.update_status()
         self.save_settings()
+
+    def action_next_tab(self) -> None:
+        """F2: open the side panel on its first tab, then move to the next one (focus goes into it)."""
+        side = self.query_one("#side", TabbedContent)
+        tabs = ["tab-steer", "tab-experts", "tab-tokens"]
+        if not side.display:
+            tab = side.active or tabs[0]
+        else:
+            tab = tabs[(tabs.index(side.active) + 1) % len(tabs)] if side.active in tabs else tabs[0]
+        self.action_show_tab(tab)
 
     def action_show_tab(self, tab: str) -> None:
         self.show_tab(tab)

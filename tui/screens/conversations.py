@@ -45,7 +45,7 @@ class ConversationsScreen(ModalScreen[int | None]):
             table = DataTable(id="conversations", cursor_type="row", zebra_stripes=True)
             table.add_columns("title", "messages", "updated", "model")
             yield table
-            yield Static("enter resume · r rename · d delete · m export Markdown · j export JSON · esc close",
+            yield Static("enter resume · r rename · d delete · m / j export .md / .json · esc close",
                          classes="dialog-help", id="conversations-help")
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Resume", variant="primary", id="conv-open", compact=True)
