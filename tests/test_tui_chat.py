@@ -268,6 +268,30 @@ async def test_resume_restores_the_chats_steering_compare_and_sampling(model_pat
         assert any("no longer exists" in m for m in messages_of(app))
 
 
+@pytest.mark.asyncio
+async def test_resume_loads_the_chats_model_again(model_path, synth_model, dirs):
+    other = synth_model("mixtral", "f32")
+    profile = dirs / "quiet.json"
+    SteeringProfile.for_model(ModelTopology.from_gguf(model_path), name="quiet").disable(1, 3).save(profile)
+    app = make_app(model_path, profiles=[str(profile)])
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_ready(pilot)
+        chat = app.chat
+        await send(pilot, "on qwen")
+        first = chat.conversation_id
+        await pilot.press("ctrl+n")
+        app.load_model(other)
+        await wait_ready(pilot)
+        assert app.session.model_name == "synth-mixtral" and not app.session.steering_active
+        await chat.load_conversation(first)
+        await wait_ready(pilot)
+        await pilot.pause()
+        assert app.session.model_path == model_path and app.session.model_name == "synth-qwen3moe"
+        assert app.session.steering_active and app.session.profile.name == "quiet"
+        await send(pilot, "still on qwen")
+        assert db(dirs).messages(first)[-1].meta["steering"]["enabled"]
+
+
 def test_store_migrates_a_version_1_database(dirs):
     path = dirs / "old.db"
     old = sqlite3.connect(path)
@@ -404,6 +428,11 @@ async def test_focus_keys_and_heatmap_keyboard(model_path):
         chat.turns[1].view.focus()
         await pilot.pause()
         assert chat.turns[1].view.styles.background != chat.turns[0].view.styles.background
+        messages = chat.query_one("#messages")
+        before = messages.styles.border_left
+        messages.focus()  # the conversation's own Tab stop (to scroll it with the keys) shows too
+        await pilot.pause()
+        assert messages.styles.border_left != before
 
 
 @pytest.mark.asyncio
