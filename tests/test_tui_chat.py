@@ -452,6 +452,48 @@ async def test_token_routes_are_complete_once_the_reply_is_done(model_path):
 # -- 9. reasoning models ----------------------------------------------------------------------------------------
 
 
+def test_config_seed_random_or_fixed(dirs):
+    from moe_gguf.tui.config import load_config
+
+    (dirs / "config").mkdir()
+    (dirs / "config" / "tui.toml").write_text('[sampling]\nseed = "random"\n')
+    assert load_config().sampling.seed is None and not load_config().errors
+    (dirs / "config" / "tui.toml").write_text("[sampling]\nseed = 42\n")
+    assert load_config().sampling.seed == 42
+    (dirs / "config" / "tui.toml").write_text('[sampling]\nseed = "sometimes"\n')
+    assert load_config().sampling.seed is None and "seed" in load_config().errors[0]
+
+
+@pytest.mark.asyncio
+async def test_quitting_mid_reply_marks_it(model_path, dirs):
+    import threading
+
+    app = make_app(model_path, sampling=Sampling(0.0, 1.0, 200, 0))
+    gate = threading.Event()
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_ready(pilot)
+        real = app.session.generate
+
+        def slow(*a, **kw):
+            for i, u in enumerate(real(*a, **kw)):
+                if i == 5:
+                    gate.wait(10)
+                yield u
+
+        app.session.generate = slow
+        chat = app.chat
+        chat.query_one(ChatInput).load_text("long")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: len(chat.turns) == 2 and chat.turns[1].content, what="streaming text")
+        cid = chat.conversation_id
+    gate.set()
+    reply = db(dirs).messages(cid)[1]
+    assert reply.status == "stopped" and reply.meta["finish"] == "quit" and reply.content
+    from moe_gguf.tui.screens.chat import _stored_info
+
+    assert "the app was closed" in _stored_info(reply)
+
+
 def test_split_thinking():
     assert split_thinking("<think>a b</think>\nanswer") == split_thinking("<think>\na b\n</think>answer")
     s = split_thinking("<think>a b</think>\nanswer")

@@ -499,4 +499,10 @@ class ChatSession:
         return out
 
     def token_text(self, token: int) -> str:
-        return self.model.detokenize([token]) if self.model is not None else ""
+        """The text of one token; "" without a model, "�" for an id this model does not have (a stored reply
+        made on another model)."""
+        if self.model is None:
+            return ""
+        if not isinstance(token, int) or not 0 <= token < self.model.llama.n_vocab():
+            return "\ufffd"
+        return self.model.detokenize([token])

@@ -410,9 +410,13 @@ class ChatScreen(Screen):
                 chat_input.move_cursor(chat_input.document.end)
             chat_input.focus()
 
+    def on_unmount(self) -> None:
+        self._stop.set()
+        self.interrupted()
+
     def interrupted(self) -> None:
         """The app is quitting mid-reply: mark the reply as stopped (its text so far is kept)."""
-        turn = self._current
+        turn, self._current = self._current, None
         if turn is None:
             return
         turn.meta["finish"] = "quit"
