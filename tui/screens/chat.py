@@ -468,7 +468,8 @@ class ChatScreen(Screen):
                       for r in raw] or None
         else:
             routes = self.session.token_routes(i)
-        self.query_one(TokenInspector).show_routes(i, self._token_texts[i], routes, self.session.steered_cells())
+        self.query_one(TokenInspector).show_routes(i, self._token_texts[i], routes, self.session.steered_cells(),
+                                                   pending=self.generating and self._stored_routes is None)
 
     def on_token_inspector_selected(self, event: TokenInspector.Selected) -> None:
         if event.index < len(self._token_texts):
@@ -519,10 +520,17 @@ class ChatScreen(Screen):
             self._stop.set()
         elif self.editing is not None:
             self.cancel_edit()
+        elif self._overlay_open:
+            self.action_toggle_panel()
+
+    @property
+    def _overlay_open(self) -> bool:
+        side = self.query_one("#side")
+        return side.display and side.has_class("-overlay")
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action == "stop":
-            return self.generating or self.editing is not None  # shown (and Esc taken) only then
+        if action == "stop":  # shown (and Esc taken) only while there is something to stop, cancel or close
+            return self.generating or self.editing is not None or self._overlay_open
         return True
 
     def _last(self, role: str) -> Turn | None:
@@ -796,6 +804,7 @@ class ChatScreen(Screen):
         problems, self._after_load = self._after_load, []
         if steering:
             problems += self.session.restore_steering(steering)
+        self.query_one(SteeringPanel).forget_choices()
         self.refresh_steering()
         self._show_stored_routing()
         if problems:

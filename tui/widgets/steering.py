@@ -127,7 +127,7 @@ class SteeringPanel(Vertical):
                 tokens_input.value = str(sc.after_tokens)
             when = "think" if sc.after_text == THINK_END else "text" if sc.after_text else "start"
             when_select = self.query_one("#sched-when", Select)
-            if not (when_select.value == "text" and when == "start"):  # "after a text" picked, no text typed yet
+            if not (self._text_chosen and when == "start"):  # "after a text" picked, no text typed yet: keep it
                 when_select.value = when
             self.query_one("#sched-text-row").display = when_select.value == "text"
             text_input = self.query_one("#sched-text", Input)
@@ -195,7 +195,15 @@ class SteeringPanel(Vertical):
             event.stop()
             self._request_schedule()
 
+    _text_chosen = False  # "after a text" was picked in the form (its text may not be typed yet)
+
+    def forget_choices(self) -> None:
+        """Another conversation's steering is shown: the form shows its schedule, not what was picked before."""
+        self._text_chosen = False
+
     def on_select_changed(self, event: Select.Changed) -> None:
+        if event.select.id == "sched-when":
+            self._text_chosen = event.value == "text"
         if event.select.id in ("sched-apply", "sched-when"):
             event.stop()
             self.query_one("#sched-text-row").display = self.query_one("#sched-when", Select).value == "text"

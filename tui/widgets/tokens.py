@@ -58,13 +58,15 @@ class TokenInspector(Vertical):
     shown_complete = False
 
     def show_routes(self, index: int, text: str, routes: list[TokenTrace] | None,
-                    marks: dict[tuple[int, int], str]) -> None:
+                    marks: dict[tuple[int, int], str], pending: bool = False) -> None:
+        """pending: the reply is still being generated (a token's routing is recorded when it is fed back)."""
         title = self.query_one("#token-title", Static)
         table = self.routes_table
         table.clear()
         self.shown = index
         if routes is None:
-            title.update(f"token {index} {text!r}: not decoded (the last token of a reply cut by max tokens)")
+            why = "routing not recorded yet" if pending else "not decoded (the last token of a reply cut by max tokens)"
+            title.update(f"token {index} {text!r}: {why}")
             return
         title.update(f"token {index} {text!r}: experts per layer")
         for t in routes:
