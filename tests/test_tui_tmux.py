@@ -87,3 +87,30 @@ def test_small_terminal_80x24(synth_model, tmp_path):
         _wait(session, lambda s: "Assistant" not in s, "the app to quit")
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def test_copy_inside_tmux_reaches_its_paste_buffer(synth_model, tmp_path):
+    """tmux ignores OSC 52 by default: the reply goes to tmux's paste buffer, and the app says so."""
+    model = synth_model("qwen3moe", "q8_0")
+    session = f"moe-gguf-test-{uuid.uuid4().hex[:8]}"
+    env = {"MOE_GGUF_DATA_DIR": str(tmp_path / "data"), "MOE_GGUF_CONFIG_DIR": str(tmp_path / "config"),
+           "TERM": "xterm-256color"}
+    command = " ".join([*(f"{k}={v}" for k, v in env.items()), *CLI, "chat", str(model), "-c", "512", "-t", "1"])
+    _tmux("new-session", "-d", "-s", session, "-x", "120", "-y", "40",
+          f"env -u COLUMNS -u LINES -u DISPLAY -u WAYLAND_DISPLAY {command}; sleep 30")
+    try:
+        _wait(session, lambda s: "synth-qwen3moe ·" in s, "the app to start and load the model")
+        _tmux("send-keys", "-t", session, "-l", "copy me")
+        _tmux("send-keys", "-t", session, "Enter")
+        _wait(session, lambda s: "Assistant" in s and " tok ·" in s, "the reply")
+        _tmux("set-buffer", "-b", "before", "nothing copied yet")
+        _tmux("send-keys", "-t", session, "F5")
+        _wait(session, lambda s: "paste buffer" in s, "the copy notice")
+        copied = _tmux("show-buffer")
+        assert copied and copied != "nothing copied yet"
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    data = ConversationStore(tmp_path / "data" / "conversations.db")
+    (conv,) = data.conversations()
+    reply = data.messages(conv.id)[1].content
+    assert copied == reply

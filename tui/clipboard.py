@@ -27,8 +27,8 @@ def _tools() -> list[tuple[str, Sequence[str]]]:
     if os.environ.get("DISPLAY"):
         out.append(("xclip", ["xclip", "-selection", "clipboard", "-in"]))
         out.append(("xsel", ["xsel", "--clipboard", "--input"]))
-    if os.environ.get("TMUX"):
-        out.append(("tmux", ["tmux", "load-buffer", "-w", "-"]))
+    if os.environ.get("TMUX"):  # -w: on to the terminal's clipboard too (tmux >= 3.2); older tmux: the buffer only
+        out += [("tmux", ["tmux", "load-buffer", "-w", "-"]), ("tmux", ["tmux", "load-buffer", "-"])]
     return [(name, cmd) for name, cmd in out if shutil.which(cmd[0])]
 
 
