@@ -10,6 +10,8 @@ import uuid
 
 import pytest
 from moe_gguf.tui.store import ConversationStore
+from moe_gguf.tui.testing import THINKING_REPLY
+from moe_gguf.tui.thinking import split_thinking
 
 # `python -m moe_gguf.cli` needs a moe_gguf/cli/__main__.py, which the package does not have (yet)
 CLI = [sys.executable, "-c", "'from moe_gguf.cli import main; main()'"]
@@ -89,9 +91,13 @@ def test_small_terminal_80x24(synth_model, tmp_path):
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
 
 
-def test_copy_inside_tmux_reaches_its_paste_buffer(synth_model, tmp_path):
+def test_copy_inside_tmux_reaches_its_paste_buffer(model_dir, tmp_path):
     """tmux ignores OSC 52 by default: the reply goes to tmux's paste buffer, and the app says so."""
-    model = synth_model("qwen3moe", "q8_0")
+    from moe_gguf.tui.testing import write_thinking_model
+
+    model = model_dir / "thinking.gguf"  # a model with a fixed, printable reply (random weights emit any byte)
+    if not model.exists():
+        write_thinking_model(model)
     session = f"moe-gguf-test-{uuid.uuid4().hex[:8]}"
     env = {"MOE_GGUF_DATA_DIR": str(tmp_path / "data"), "MOE_GGUF_CONFIG_DIR": str(tmp_path / "config"),
            "TERM": "xterm-256color"}
@@ -99,7 +105,7 @@ def test_copy_inside_tmux_reaches_its_paste_buffer(synth_model, tmp_path):
     _tmux("new-session", "-d", "-s", session, "-x", "120", "-y", "40",
           f"env -u COLUMNS -u LINES -u DISPLAY -u WAYLAND_DISPLAY {command}; sleep 30")
     try:
-        _wait(session, lambda s: "synth-qwen3moe ·" in s, "the app to start and load the model")
+        _wait(session, lambda s: "synth-thinking ·" in s, "the app to start and load the model")
         _tmux("send-keys", "-t", session, "-l", "copy me")
         _tmux("send-keys", "-t", session, "Enter")
         _wait(session, lambda s: "Assistant" in s and " tok ·" in s, "the reply")
@@ -113,4 +119,4 @@ def test_copy_inside_tmux_reaches_its_paste_buffer(synth_model, tmp_path):
     data = ConversationStore(tmp_path / "data" / "conversations.db")
     (conv,) = data.conversations()
     reply = data.messages(conv.id)[1].content
-    assert copied == reply
+    assert reply == THINKING_REPLY and copied == split_thinking(reply).answer == "now!"  # the answer only

@@ -27,6 +27,9 @@ from moe_gguf.formats.profile import ACTIONS, Schedule, SteeringProfile
 from moe_gguf.formats.records import RouteTee, RoutingRecorder, TokenTrace
 
 DEMO_PRESET = "tiny-qwen3moe"
+# per-token routes are stored with a reply when it has at most this many (token, MoE layer) pairs (a few hundred KB
+# of JSON); longer replies keep their per-layer counts only
+MAX_STORED_ROUTES = 4096
 
 
 def default_model_path() -> tuple[Path, str]:
@@ -477,7 +480,7 @@ class ChatSession:
             routed = np.zeros((2, topo.n_layer), np.int64)
             routes: dict[int, list[list[int]]] = {}
             traces = rec.traces[:len(rec.traces)]
-            keep_routes = len(tokens) * len(layers) <= 20000
+            keep_routes = len(tokens) * len(layers) <= MAX_STORED_ROUTES
             for t in traces:
                 i = t.pos - reply.n_prompt
                 if not 0 <= i < len(tokens):
@@ -487,7 +490,7 @@ class ChatSession:
                 routed[part, t.layer] += 1
                 if keep_routes:
                     routes.setdefault(i, []).append([int(t.layer), [int(e) for e in t.experts],
-                                                     [round(float(w), 3) for w in t.weights]])
+                                                     [round(float(w), 2) for w in t.weights]])
             entry: dict[str, Any] = {
                 "tokens": [int(x) for x in tokens], "think_end": end,
                 "think": {"sel": sel[0][layers].tolist(), "routed": routed[0][layers].tolist()},

@@ -26,9 +26,9 @@ def split_thinking(text: str) -> Split:
         end = body.find(THINK_CLOSE)
         if end < 0:
             return Split(body.strip("\n"), "", False)
-        return Split(body[:end].strip("\n"), body[end + len(THINK_CLOSE):].lstrip("\n"), True)
+        return Split(body[:end].strip("\n"), body[end + len(THINK_CLOSE):].lstrip(), True)
     if close >= 0 and THINK_OPEN not in text[:close]:
-        return Split(text[:close].strip("\n"), text[close + len(THINK_CLOSE):].lstrip("\n"), True)
+        return Split(text[:close].strip("\n"), text[close + len(THINK_CLOSE):].lstrip(), True)
     if THINK_OPEN.startswith(stripped) and stripped:  # "<thi" while streaming: not shown as the answer yet
         return Split("", "", False)
     return Split(None, text, True)
