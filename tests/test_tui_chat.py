@@ -6,6 +6,7 @@ whose weights make it answer "<think> when?</think> now!" (tui.testing.write_thi
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 import stat
@@ -256,6 +257,8 @@ async def test_resume_restores_the_chats_steering_compare_and_sampling(model_pat
         assert [(e.layer, e.expert, e.action) for e in s.profile.entries] == [(1, 3, "bias")]
         assert app.sampling == Sampling(0.0, 1.0, 9, 3)
         assert any("Resumed with its settings" in m for m in messages_of(app))
+        exported = json.loads(db(dirs).export_json(first))
+        assert exported["settings"]["compare"] is True and exported["settings"]["steering"]["strength"] == 1.5
         await chat.load_conversation(second)
         await pilot.pause()
         assert not chat.compare_mode and not s.steering_active and app.sampling.max_tokens == 7

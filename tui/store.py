@@ -213,7 +213,7 @@ class ConversationStore:
         return json.dumps({
             "format": "moe-gguf-conversation", "version": 1,
             "title": conv.title, "model": conv.model, "system_prompt": conv.system_prompt,
-            "created": conv.created, "updated": conv.updated,
+            "created": conv.created, "updated": conv.updated, "settings": self.settings(cid),
             "messages": [{"role": m.role, "content": m.content, "status": m.status, "created": m.created, **m.meta}
                          for m in self.messages(cid)],
         }, indent=2, ensure_ascii=False) + "\n"
