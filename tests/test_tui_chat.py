@@ -295,6 +295,29 @@ async def test_resume_loads_the_chats_model_again(model_path, synth_model, dirs)
         assert db(dirs).messages(first)[-1].meta["steering"]["enabled"]
 
 
+@pytest.mark.asyncio
+async def test_damaged_saved_settings_and_routing_are_reported_not_fatal(model_path, dirs):
+    store = db(dirs)
+    cid = store.new_conversation("damaged", model="m")
+    store.add_message(cid, "user", "q")
+    mid = store.add_message(cid, "assistant", "a", meta={"n_tokens": 1})
+    store._x("UPDATE conversations SET settings = ? WHERE id = ?",
+             ('{"steering": "nonsense", "sampling": {"temperature": "hot"}, "model_path": 3}', cid))
+    store._x("UPDATE messages SET routing = ? WHERE id = ?", ('{"moe_layers": [0, 1], "n_expert": 8, "seqs": [7]}', mid))
+    app = make_app(model_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_ready(pilot)
+        chat = app.chat
+        await chat.load_conversation(cid)
+        await pilot.pause()
+        assert app.is_running and [t.content for t in chat.turns] == ["q", "a"]
+        text = " ".join(messages_of(app))
+        assert "could not be restored" in text and "steering could not be read" in text
+        assert "could not be read" in chat.query_one(ExpertHeatmap).title
+        await send(pilot, "and on")  # the conversation goes on
+        assert len(chat.turns) == 4
+
+
 def test_store_migrates_a_version_1_database(dirs):
     path = dirs / "old.db"
     old = sqlite3.connect(path)

@@ -310,9 +310,13 @@ class ChatSession:
         restored, in words (the working profile is then an empty one: never one the chat did not use)."""
         problems: list[str] = []
         self.steering_enabled = bool(saved.get("enabled", True))
+        path = saved.get("profile_path")
+        if path is not None and not isinstance(path, str):
+            saved = {**saved, "profile_path": None}
         self.allow_mismatch = bool(saved.get("allow_mismatch", False))
         strength = saved.get("strength", 1.0)
-        self.strength = float(strength) if isinstance(strength, (int, float)) and not isinstance(strength, bool) else 1.0
+        ok = isinstance(strength, (int, float)) and not isinstance(strength, bool) and np.isfinite(strength)
+        self.strength = float(strength) if ok else 1.0
         raw, path = saved.get("profile"), saved.get("profile_path")
         profile: SteeringProfile | None = None
         if isinstance(raw, dict) and not raw.get("entries"):  # an empty profile: nothing to restore but its name
@@ -326,6 +330,8 @@ class ChatSession:
             except ProfileError as e:
                 problems.append(f"its steering profile could not be restored: {e}")
                 profile = None
+        elif raw is not None and not isinstance(raw, dict):
+            problems.append("its steering profile could not be read")
         elif path:  # only a path (an older store): read the file again
             try:
                 profile = SteeringProfile.load(path)

@@ -476,7 +476,17 @@ class ChatScreen(Screen):
             self._show_token(event.index)
 
     def _show_stored_routing(self) -> None:
-        """A resumed chat: show the routing stored with its last reply (when it was made on this model's shape)."""
+        """A resumed chat: show the routing stored with its last reply (when it was made on this model's shape);
+        a damaged record is said to be so, never fatal."""
+        try:
+            self._show_stored_routing_unchecked()
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+            self._stored_routes = None
+            self._token_texts = []
+            self.query_one(TokenInspector).clear()
+            self.query_one(ExpertHeatmap).clear("the routing saved with the last reply could not be read")
+
+    def _show_stored_routing_unchecked(self) -> None:
         turn = self._last("assistant")
         topo = self.session.topology
         summary = turn.routing if turn is not None else None
@@ -780,7 +790,10 @@ class ChatScreen(Screen):
         """Apply a conversation's settings; say what could not be restored."""
         app = self.chat_app
         problems: list[str] = []
-        app.system_prompt = settings.get("system_prompt", system_prompt) or system_prompt
+        if not isinstance(settings, dict):
+            settings, problems = {}, ["its saved settings could not be read"]
+        saved_prompt = settings.get("system_prompt")
+        app.system_prompt = saved_prompt if isinstance(saved_prompt, str) and saved_prompt else system_prompt
         if isinstance(settings.get("sampling"), dict):
             try:
                 app.sampling = Sampling.from_dict(settings["sampling"])
@@ -788,7 +801,10 @@ class ChatScreen(Screen):
                 problems.append(f"its sampling settings could not be restored ({e})")
         self.compare_mode = bool(settings.get("compare", False))
         model_path = settings.get("model_path")
+        model_path = model_path if isinstance(model_path, str) else None
         steering = settings.get("steering") or {}
+        if not isinstance(steering, dict):
+            steering, problems = {}, [*problems, "its saved steering could not be read"]
         current = self.session.model_path
         if model_path and (current is None or Path(model_path).resolve() != current.resolve()):
             if Path(model_path).exists():
