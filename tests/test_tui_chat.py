@@ -85,8 +85,18 @@ async def test_regenerate_samples_again_with_a_new_seed(model_path, dirs):
             await wait_for(pilot, lambda b=before: chat.turns[-1] is not b and not chat.generating, what="regenerated")
             replies.append(chat.turns[1].content)
         assert len(set(replies)) > 1, replies
-        seed = db(dirs).messages(chat.conversation_id)[1].meta["seed"]
+        saved = db(dirs).messages(chat.conversation_id)[1]
+        seed = saved.meta["seed"]
         assert isinstance(seed, int)
+        # the replies a regenerate replaced are kept with the reply, newest first; u brings them back
+        assert [v["content"] for v in saved.meta["previous"]] == replies[-2::-1]
+        chat.turns[1].view.focus()
+        await pilot.press("u")
+        await pilot.pause()
+        assert chat.turns[1].content == replies[-2] == db(dirs).messages(chat.conversation_id)[1].content
+        await pilot.press("u", "u", "u")  # round the list, back to the newest
+        await pilot.pause()
+        assert chat.turns[1].content == replies[-1]
         # a fixed seed is a setting: then regenerate repeats the reply
         app.sampling = Sampling(temperature=1.0, top_p=1.0, max_tokens=12, seed=seed)
         await pilot.press("ctrl+r")

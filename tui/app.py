@@ -209,6 +209,8 @@ class MoEChatApp(App):
         yield SystemCommand("New steering profile", "Start an empty profile for this model",
                             lambda: chat.on_steering_panel_profile_command(SteeringPanel.ProfileCommand("new")))
         yield SystemCommand("Regenerate", "Answer the last message again", chat.action_regenerate)
+        yield SystemCommand("Previous reply version", "Bring back the reply a regenerate replaced (again: the one "
+                            "before)", chat.action_previous_version)
         yield SystemCommand("Edit last message", "Put the last message back in the input to edit and resend",
                             chat.action_edit_last)
         yield SystemCommand("Copy reply", "Copy the last reply to the clipboard", chat.action_copy_reply)

@@ -257,4 +257,4 @@ def _routing(raw: str | None) -> dict[str, Any] | None:
         data = json.loads(raw)
     except json.JSONDecodeError:
         return None
-    return data if isinstance(data, dict) else None
+    return data if isinstance(data, dict) and data else None

@@ -278,7 +278,8 @@ class ChatScreen(Screen):
         await messages.mount(widget)
         messages.scroll_end(animate=False)
 
-    async def _start_reply(self) -> None:
+    async def _start_reply(self, previous: list[dict] | None = None) -> None:
+        """previous: the versions of this reply that a regenerate replaced, newest first (u brings them back)."""
         app = self.chat_app
         assert self.conversation_id is not None
         history = [{"role": t.role, "content": t.content} for t in self.turns]
@@ -286,6 +287,8 @@ class ChatScreen(Screen):
         sampling = Sampling(**app.sampling.to_dict())
         meta: dict[str, Any] = {"sampling": sampling.to_dict(), "steering": self.session.steering_info(),
                                 "system_prompt": app.system_prompt}
+        if previous:
+            meta["previous"] = previous
         if compare:
             meta["compare"] = ""
         mid = self.store.add_message(self.conversation_id, "assistant", "", status="streaming", meta=meta)
@@ -576,9 +579,45 @@ class ChatScreen(Screen):
 
     async def _regenerate(self, turn: Turn) -> None:
         self.cancel_edit(quiet=True)
+        last = turn is self.turns[-1]
+        previous = [_version(turn), *turn.meta.get("previous", [])][:MAX_VERSIONS] if last and turn.content else None
         await self._truncate_from(turn)
         if self.turns:
-            await self._start_reply()
+            await self._start_reply(previous)
+            if previous:
+                self.notify(f"Regenerating; the earlier reply is kept ({len(previous)} earlier version"
+                            f"{'s' if len(previous) > 1 else ''}): u on the reply or ctrl+p → Previous reply version "
+                            "brings it back")
+
+    async def action_previous_version(self, turn: Turn | None = None) -> None:
+        """Swap the last reply with the version a regenerate replaced (again: the one before, round the list)."""
+        if self.generating:
+            self.notify("Still generating: press Esc to stop first", severity="warning")
+            return
+        turn = turn or self._last("assistant")
+        if turn is None or not turn.meta.get("previous"):
+            self.notify("No earlier version of this reply (regenerate keeps the one it replaces)", severity="warning")
+            return
+        if turn is not self.turns[-1]:
+            self.notify("Only the last reply has earlier versions", severity="warning")
+            return
+        earlier, *rest = turn.meta["previous"]
+        current = _version(turn)
+        meta = {k: v for k, v in turn.meta.items() if k not in _VERSION_KEYS}
+        meta.update({k: v for k, v in earlier.items() if k not in ("content", "routing")})
+        meta["previous"] = [*rest, current]
+        turn.meta, turn.content, turn.routing = meta, earlier.get("content", ""), earlier.get("routing")
+        info = _stored_info(Message(turn.mid, "assistant", turn.content, turn.status, meta))
+        if isinstance(turn.view, CompareView):
+            await turn.view.finish(turn.content, meta.get("compare", ""), info)
+        else:
+            await turn.view.finish(turn.content, info)
+        self.store.update_message(turn.mid, turn.content, meta=meta, routing=turn.routing or {})
+        self.query_one(ExpertHeatmap).clear()
+        self.query_one(TokenInspector).clear()
+        self._show_stored_routing()
+        n = len(meta["previous"]) + 1
+        self.notify(f"Showing an earlier version of the reply ({n} versions; u again for the next)")
 
     async def action_edit_last(self, turn: Turn | None = None) -> None:
         if self._busy():
@@ -628,6 +667,8 @@ class ChatScreen(Screen):
             await self.action_edit_last(turn)
         elif event.action == "regenerate" and turn.role == "assistant":
             await self.action_regenerate(turn)
+        elif event.action == "previous_version" and turn.role == "assistant":
+            await self.action_previous_version(turn)
 
     def _busy(self) -> bool:
         if self.generating:
@@ -934,6 +975,21 @@ class ChatScreen(Screen):
 
         self.app.push_screen(FilePicker("Save the steering profile (a new file name)", start=start,
                                         suffixes=(".json",), save=True, default_name=name), done)
+
+
+MAX_VERSIONS = 10  # earlier versions of a regenerated reply kept with it
+# what a version of a reply holds (besides its text and routing)
+_VERSION_KEYS = ("sampling", "steering", "seed", "n_tokens", "finish", "steered_from", "n_prompt", "tokens_per_s",
+                 "dropped_messages", "think_end", "compare")
+
+
+def _version(turn: Turn) -> dict[str, Any]:
+    """A reply's text, routing and what produced it, to keep when a regenerate replaces it."""
+    out = {k: turn.meta[k] for k in _VERSION_KEYS if k in turn.meta}
+    out["content"] = turn.content
+    if turn.routing:
+        out["routing"] = turn.routing
+    return out
 
 
 def _free_name(directory: Path, stem: str) -> str:

@@ -47,6 +47,7 @@ class MessageView(Vertical, can_focus=True):
         Binding("b", "copy_code", "Copy code"),
         Binding("e", "edit", "Edit & resend"),
         Binding("r", "regenerate", "Regenerate"),
+        Binding("u", "previous_version", "Earlier version", show=False),
         Binding("t", "toggle_thinking", "Thinking", show=False),
     ]
 
@@ -188,6 +189,9 @@ class MessageView(Vertical, can_focus=True):
     def action_regenerate(self) -> None:
         self.post_message(self.Action(self, "regenerate"))
 
+    def action_previous_version(self) -> None:
+        self.post_message(self.Action(self, "previous_version"))
+
 
 class CompareView(Vertical, can_focus=True):
     """A compare-mode reply: steered and unsteered answers side by side (same prompt, same batch)."""
@@ -245,3 +249,6 @@ class CompareView(Vertical, can_focus=True):
 
     def action_regenerate(self) -> None:
         self.post_message(MessageView.Action(self, "regenerate"))
+
+    def action_previous_version(self) -> None:
+        self.post_message(MessageView.Action(self, "previous_version"))
