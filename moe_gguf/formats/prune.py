@@ -309,7 +309,9 @@ def _check_counts(counts: RoutingRecord, topo: ModelTopology) -> None:
         raise PruneError(f"the routing counts are for {counts.n_layer} layers x {counts.n_expert} experts, the model has "
                          f"{topo.n_layer} x {topo.n_expert}; record counts on this model")
     fp = counts.meta.get("model")
-    if isinstance(fp, dict) and fp and fp != topo.fingerprint():
+    mine = topo.fingerprint()
+    if isinstance(fp, dict) and any(k in fp and k in mine and fp[k] != mine[k] for k in ("arch", "n_layer", "n_expert", "n_expert_used",
+                                                                          "moe_layers", "weights")):
         raise PruneError(f"the routing counts were recorded on another model ({fp}); record counts on this model")
 
 
