@@ -70,6 +70,10 @@ def sweep(ctx: SteerContext, ks: Sequence[int], tokens: Sequence[int], *, gen_to
     try:
         for k in ks:
             ctx.set_n_expert_used(k)
+            # untimed warm-up with this k: the graph is rebuilt for it and the first run also pays for cold
+            # caches and buffer allocation, which used to be charged to whichever k came first
+            ctx.generate(list(tokens[:8]), max_tokens=2)
+            ctx.clear_memory()
             ppl = perplexity(ctx, tokens)
             ctx.clear_memory()
             t0 = time.perf_counter()
