@@ -102,6 +102,9 @@ class GrammarCommand(click.Command):
             if a == "--":
                 out += args[i:]
                 break
+            if not isinstance(a, str):
+                out.append(a)
+                continue
             old, eq, value = a.partition("=")
             if old in self.old_spellings:
                 new = self.old_spellings[old]
