@@ -143,6 +143,10 @@ def generate(model_path, prompt, profiles, strength, raw, max_tokens, temp, top_
                              after_text=steer_after_text or base.after_text)
         outs = generate_text(model, prompt, profile=profile, raw=raw, max_tokens=max_tokens, temperature=temp,
                              top_p=top_p, seed=seed, strength=strength, schedule=sched, compare=compare)
+    if not any(o.tokens for o in outs):
+        hint = ("chat models need their template: drop --raw" if raw else
+                "a base model without a chat template may need --raw")
+        click.echo(f"(empty reply: the model ended at once; {hint})", err=True)
     if json_out:
         names = ["steered", "unsteered"] if compare else ["text"]
         write_json(json_out, {n: {"text": o.text, "tokens": len(o.tokens), "finish_reason": o.finish_reason}
@@ -156,10 +160,6 @@ def generate(model_path, prompt, profiles, strength, raw, max_tokens, temp, top_
         click.echo(outs[1].text)
     else:
         click.echo(outs[0].text)
-    if not any(o.tokens for o in outs):
-        hint = ("chat models need their template: drop --raw" if raw else
-                "a base model without a chat template may need --raw")
-        click.echo(f"(empty reply: the model ended at once; {hint})", err=True)
 
 
 @main.command()

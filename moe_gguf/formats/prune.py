@@ -117,7 +117,7 @@ class PruneReport:
             asked = [e for e in self.removed[il] if e not in pad]
             line = f"  layer {il}: removed {_ids(asked) or '-'}"
             if pad:
-                line += f"; padded with least used {_ids(sorted(pad))}"
+                line += f"; padded with {'weakest router rows' if 'router-row norms' in self.source else 'least used'} {_ids(sorted(pad))}"
             lines.append(line)
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -277,7 +277,8 @@ def plan_prune(topo: ModelTopology, *, remove: Mapping[int, Sequence[int]] | Non
         notes.append("experts ranked per layer by selections x summed routing weight (a REAP-like proxy from "
                      "routing counts, not REAP's output-norm score); the lowest-ranked were removed")
     if padded:
-        notes.append(f"{sum(map(len, padded.values()))} least-used experts added in {len(padded)} layers so that every "
+        how = "weakest-router-row" if "router-row norms" in str(counts.meta.get("source")) else "least-used"
+        notes.append(f"{sum(map(len, padded.values()))} {how} experts added in {len(padded)} layers so that every "
                      f"layer keeps {n_keep} experts (see 'padded')")
     return PruneReport(src=src, dst=dst, arch=topo.arch, n_expert_in=n, n_expert_out=n_keep, kept=kept,
                        removed=removed, padded=padded, source=" + ".join(sources), notes=notes)
