@@ -38,6 +38,9 @@ def test_probe_refuses_a_file_from_other_inputs_unless_overwrite(model, tmp_path
     assert ProbeResult.load(out).item_labels == first.item_labels  # untouched
     again = probe(model, ITEMS[2:], out=out, overwrite=True)
     assert ProbeResult.load(out).item_labels == again.item_labels
+    assert again.meta["run_ids"] != first.meta["run_ids"]  # a new run
+    resumed = probe(model, ITEMS[2:], out=out, overwrite=True)  # the same run is still resumed, not restarted
+    assert resumed.meta["run_ids"] == again.meta["run_ids"] and resumed.item_labels == again.item_labels
 
 
 def test_probe_resumes_into_a_file_of_the_same_run(model, tmp_path):

@@ -27,7 +27,8 @@ from moe_gguf.errors import ProfileError
               help="JSONL: prompt, label, [response], [pair_id], [chat].")
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
               help="Count file (.npz), saved after every batch; a file from the same inputs and options is resumed.")
-@click.option("--overwrite", is_flag=True, help="Replace an -o file that holds counts from other inputs or options.")
+@click.option("--overwrite", is_flag=True, help="Replace an -o file that holds counts from other inputs or options (a file of the same run is "
+                   "still resumed).")
 @click.option("--tokens", "token_mode", type=click.Choice(["prompt", "response", "generated"]), default="prompt",
               show_default=True, help="Which tokens to count: the prompt, the given response, or the model's own output.")
 @raw_option

@@ -269,7 +269,8 @@ def probe(model: MoEModel, items: Sequence[ProbeItem], *, token_mode: str = "pro
     With ``out``, the result is saved after every batch together with the position reached; a
     probe started again with the same inputs and options continues from there, so an interrupted
     probe loses at most one batch of work and never counts an item twice. An existing ``out`` from other
-    inputs, options or model (or a merge) raises CountFileError unless ``overwrite``.
+    inputs, options or model (or a merge) raises CountFileError unless ``overwrite`` (then it is replaced; a file
+    of the same run is still resumed).
     """
     if token_mode not in TOKEN_MODES:
         raise ValueError(f"token_mode must be one of {TOKEN_MODES}, got {token_mode!r}")
@@ -281,18 +282,21 @@ def probe(model: MoEModel, items: Sequence[ProbeItem], *, token_mode: str = "pro
     key = dataset_hash(items, token_mode=token_mode, chat=chat, max_new_tokens=max_new_tokens,
                        model=topo.fingerprint_id())
     res: ProbeResult | None = None
-    if out is not None and Path(out).exists() and not overwrite:
+    if out is not None and Path(out).exists():
         try:
             prev = ProbeResult.load(out)
         except CountFileError as e:
-            raise CountFileError(f"{e}; it would be overwritten: pass --overwrite (overwrite=True) to replace it, "
-                                 "or write to another file") from e
-        if prev.meta.get("input_hash") != key:
+            if not overwrite:
+                raise CountFileError(f"{e}; it would be overwritten: pass --overwrite (overwrite=True) to replace "
+                                     "it, or write to another file") from e
+            prev = None
+        if prev is not None and prev.meta.get("input_hash") == key:
+            res = prev  # the same run: resumed
+        elif prev is not None and not overwrite:
             raise CountFileError(f"{out}: holds counts from other inputs, options or model "
                                  f"({len(prev.item_labels)} items, {prev.token_mode} tokens); resuming needs the same "
                                  "ones. Pass --overwrite (overwrite=True) to replace it, or write to another file and "
                                  "`moe-gguf merge` the two")
-        res = prev
     if res is None:
         res = ProbeResult(topo.n_layer, topo.n_expert, token_mode,
                           meta={"model": topo.fingerprint(), "input_hash": key, "chat": chat, "n_items": 0,
