@@ -13,8 +13,7 @@ from moe_gguf.tui.store import ConversationStore
 from moe_gguf.tui.testing import THINKING_REPLY
 from moe_gguf.tui.thinking import split_thinking
 
-# `python -m moe_gguf.cli` needs a moe_gguf/cli/__main__.py, which the package does not have (yet)
-CLI = [sys.executable, "-c", "'from moe_gguf.cli import main; main()'"]
+CLI = [sys.executable, "-m", "moe_gguf"]
 
 pytestmark = [pytest.mark.native, pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")]
 
