@@ -163,6 +163,27 @@ async def test_open_another_model_drops_the_old_profile(model_path, synth_model,
         assert meta["steering"]["enabled"] and meta["steering"]["profile"]["name"] == "quiet"
 
 
+@pytest.mark.asyncio
+async def test_profile_for_other_weights_of_the_same_shape_warns_in_the_ui(model_path, model_dir, dirs):
+    from moe_gguf.formats.synth import PRESETS, write_gguf
+
+    finetune = model_dir / "tiny-qwen3moe-seed1.gguf"
+    if not finetune.exists():
+        write_gguf(PRESETS["tiny-qwen3moe"].replace(seed=1), finetune, dtype="f32")
+    profile = dirs / "quiet.json"
+    SteeringProfile.for_model(ModelTopology.from_gguf(finetune), name="quiet").disable(1, 3).save(profile)
+    app = make_app(model_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_ready(pilot)
+        assert app.load_profiles([profile])  # same shape: applied, with a warning naming both
+        await pilot.pause()
+        warned = [n for n in app._notifications if "router weights" in n.message]
+        assert warned and warned[0].severity == "warning"
+        await send(pilot, "steered")
+        assert app.chat.turns[-1].status == "done"
+        assert db(dirs).messages(app.chat.conversation_id)[-1].meta["steering"]["enabled"]
+
+
 def test_chat_command_takes_allow_model_mismatch(monkeypatch):
     from click.testing import CliRunner
     from moe_gguf.tui import app as tui_app
@@ -170,7 +191,11 @@ def test_chat_command_takes_allow_model_mismatch(monkeypatch):
     from moe_gguf.cli import main
 
     seen = {}
-    monkeypatch.setattr(tui_app, "run_chat", lambda **kw: seen.update(kw))
+
+    def run_chat(*, allow_model_mismatch: bool = False, **kw) -> None:
+        seen.update(kw, allow_model_mismatch=allow_model_mismatch)
+
+    monkeypatch.setattr(tui_app, "run_chat", run_chat)
     result = CliRunner().invoke(main, ["chat", "m.gguf", "--allow-model-mismatch", "--profile", "p.json"])
     assert result.exit_code == 0, result.output
     assert seen["allow_model_mismatch"] is True and seen["profiles"] == ["p.json"]

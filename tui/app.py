@@ -133,6 +133,7 @@ class MoEChatApp(App):
             self.notify(self.session.notice, title="Demo model", severity="warning", timeout=10)
         if self.session.profile_notice:
             self.notify(self.session.profile_notice, title="Steering profile", severity="warning", timeout=12)
+        self.show_profile_warnings()
         if then is not None:
             then()
         else:
@@ -161,7 +162,13 @@ class MoEChatApp(App):
         self.chat.refresh_steering()
         self.chat.save_settings()
         self.notify(f"Profile {profile.name or 'untitled'}: {len(profile.entries)} entries", title="Profile loaded")
+        self.show_profile_warnings()
         return True
+
+    def show_profile_warnings(self) -> None:
+        """Warnings from checking a profile against the model (same shape, other router weights)."""
+        for message in self.session.take_warnings():
+            self.notify(message, title="Profile made for other weights", severity="warning", timeout=12)
 
     async def on_conversations_changed(self, event: ConversationsChanged) -> None:
         await self.chat.conversations_changed(event)

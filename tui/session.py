@@ -12,6 +12,7 @@ import os
 import secrets
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from moe_gguf.tui.config import Sampling
 from moe_gguf.tui.paths import cache_dir
 from moe_gguf.tui.thinking import THINK_CLOSE, THINK_OPEN
 
-from moe_gguf.errors import ModelMismatchError, ProfileError
+from moe_gguf.errors import ModelMismatchError, ModelWeightsWarning, ProfileError
 from moe_gguf.formats.profile import ACTIONS, Schedule, SteeringProfile
 from moe_gguf.formats.records import RouteTee, RoutingRecorder, TokenTrace
 
@@ -127,6 +128,7 @@ class ChatSession:
         self.last: _Reply | None = None
         self.notice = ""  # something the UI should tell after load() (e.g. the demo model fallback)
         self.profile_notice = ""  # after load(): the working profile was dropped (made for another model)
+        self.warnings: list[str] = []  # profile warnings not yet shown (take_warnings)
 
     # -- model --
 
@@ -167,7 +169,7 @@ class ChatSession:
                 self.profile_path = None
             return ""
         try:
-            self.profile.validate(topo, allow_mismatch=self.allow_mismatch)
+            self._validate(self.profile)
         except ModelMismatchError:
             name = self.profile.name or "untitled"
             self.new_profile()
@@ -216,15 +218,27 @@ class ChatSession:
         self._frozen = None
 
     def load_profiles(self, paths: Sequence[str | os.PathLike]) -> SteeringProfile:
-        """Load, combine and check profiles against the model; the working profile is unchanged on error."""
+        """Load, combine and check profiles against the model; the working profile is unchanged on error.
+        Warnings (a profile made for a same-shape model with other weights) are left in self.warnings."""
         profiles = [SteeringProfile.load(p) for p in paths]
         profile = SteeringProfile.combine(profiles)
         if self.topology is not None:
-            profile.validate(self.topology, allow_mismatch=self.allow_mismatch)
+            self._validate(profile)
         self.profile = profile
         self.profile_path = Path(paths[0]) if len(paths) == 1 else None
         self._frozen = None
         return profile
+
+    def _validate(self, profile: SteeringProfile) -> None:
+        """Check `profile` against the model; its warnings (ModelWeightsWarning) go to self.warnings, in words."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ModelWeightsWarning)
+            profile.validate(self.topology, allow_mismatch=self.allow_mismatch)
+        self.warnings += [str(w.message) for w in caught if issubclass(w.category, ModelWeightsWarning)]
+
+    def take_warnings(self) -> list[str]:
+        out, self.warnings = self.warnings, []
+        return out
 
     def save_profile(self, path: str | os.PathLike) -> Path:
         path = Path(path).expanduser()
@@ -280,13 +294,17 @@ class ChatSession:
         if self._frozen is None:
             self._frozen = copy.deepcopy(self.profile)
             topo = self.topology
-            if self.allow_mismatch and topo is not None and self._frozen.model is not None \
-                    and self._frozen._mismatches(topo):
-                # the user allowed this profile (made for another model) and its entries were checked against this
-                # model when it was loaded: the copy that steers carries this model's fingerprint, as stream()
-                # validates profiles without an allow_mismatch switch
-                self._frozen.validate(topo, allow_mismatch=True)
-                self._frozen.model = topo.fingerprint()
+            frozen = self._frozen
+            if topo is not None and frozen.model is not None and frozen.model != topo.fingerprint():
+                # made for another model (allowed by the user) or a same-shape one with other weights (the user
+                # was warned when it was loaded): its entries were checked against this model then, so the copy
+                # that steers carries this model's fingerprint (stream() validates without an allow_mismatch
+                # switch, and would warn again on every reply)
+                if frozen._mismatches(topo) and self.allow_mismatch:
+                    frozen.validate(topo, allow_mismatch=True)
+                    frozen.model = topo.fingerprint()
+                elif not frozen._mismatches(topo):
+                    frozen.model = topo.fingerprint()
             if self.ctx is not None:
                 self.ctx.clear_steering()  # forget tables uploaded for earlier versions of the profile
         return self._frozen
@@ -326,7 +344,7 @@ class ChatSession:
             try:
                 profile = SteeringProfile.from_dict(raw, source=path or "the chat's profile")
                 if self.topology is not None:
-                    profile.validate(self.topology, allow_mismatch=self.allow_mismatch)
+                    self._validate(profile)
             except ProfileError as e:
                 problems.append(f"its steering profile could not be restored: {e}")
                 profile = None
@@ -336,7 +354,7 @@ class ChatSession:
             try:
                 profile = SteeringProfile.load(path)
                 if self.topology is not None:
-                    profile.validate(self.topology, allow_mismatch=self.allow_mismatch)
+                    self._validate(profile)
             except ProfileError as e:
                 problems.append(f"its steering profile could not be restored: {e}")
                 profile = None

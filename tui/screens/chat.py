@@ -864,6 +864,7 @@ class ChatScreen(Screen):
         self.query_one(SteeringPanel).forget_choices()
         self.refresh_steering()
         self._show_stored_routing()
+        self.chat_app.show_profile_warnings()
         if problems:
             self.notify("Resumed, but " + "; ".join(problems), title="Resume", severity="warning", timeout=12)
         else:
