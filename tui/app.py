@@ -35,7 +35,7 @@ class MoEChatApp(App):
     BINDINGS = [Binding("ctrl+q", "quit", "Quit", id="quit", priority=True)]
     # responsive classes on every screen (see app.tcss): the side panel overlays below 100 columns, dialogs fill
     # small terminals
-    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide"), (150, "-xwide")]
     VERTICAL_BREAKPOINTS = [(0, "-short"), (30, "-tall")]
 
     def __init__(self, *, model_path: str | os.PathLike | None = None, n_gpu_layers: int = 0, n_ctx: int = 2048,

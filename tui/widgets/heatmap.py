@@ -176,7 +176,9 @@ class ExpertHeatmap(Widget, can_focus=True):
                     cell = "[]".center(w)[:w] if w > 1 else "□"
                 out.append(cell, style=Style(bgcolor=bg, color="white", bold=True, reverse=here))
             if self.routed is not None:
-                out.append(f" {int(self.routed[il])} tok", style="dim")
+                suffix = f" {int(self.routed[il])} tok"
+                if _LABEL_W + self.n_expert * w + len(suffix) <= self.size.width:  # never wrap a row
+                    out.append(suffix, style="dim")
             out.append("\n")
         if self.base is not None:
             out.append("red: chosen more than unsteered, blue: less", style="dim")
