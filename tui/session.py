@@ -182,6 +182,7 @@ class ChatSession:
         if self.profile.model is not None and self.profile._mismatches(topo):
             return f"Profile {self.profile.name or 'untitled'!r} was made for another model; applied (allow other model is on)."
         return ""
+
     @property
     def ready(self) -> bool:
         return self.model is not None
