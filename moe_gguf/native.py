@@ -28,7 +28,7 @@ from moe_gguf.errors import NativeBuildError  # noqa: F401  (re-exported)
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-PATCH_API_VERSION = 2  # LLAMA_MOE_STEER_API_VERSION in the patched llama.h
+PATCH_API_VERSION = 3  # LLAMA_MOE_STEER_API_VERSION in the patched llama.h
 
 # -DLLAVA_BUILD=OFF: what moe-gguf does not need; -DGGML_RPC=ON: llama.cpp's RPC backend, for models spread
 # over several machines (moe_gguf.engine.rpc). CMAKE_ARGS given by the user come after and win.
