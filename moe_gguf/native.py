@@ -3,8 +3,11 @@
     python -m moe_gguf.native build     # download, verify, patch, build, install (cached)
     python -m moe_gguf.native status    # is the loaded library patched?
 
+The patches are a series (quilt style) in the patch folder (:func:`patch_dir`): ``series`` lists them, one a
+line, applied in that order to the sdist (``vendor/llama.cpp`` and ``llama_cpp``).
 The wheel is cached under ``$MOE_GGUF_CACHE`` (default ``~/.cache/moe-gguf``) keyed by the
-llama-cpp-python version, the patch's hash and ``CMAKE_ARGS``, so a second setup only reinstalls it.
+llama-cpp-python version, the hashes of ``series`` and of every patch, and ``CMAKE_ARGS``, so a second setup
+only reinstalls it.
 ``CMAKE_ARGS`` is honoured as llama-cpp-python does (``-DGGML_CUDA=on``, ``-DGGML_METAL=on``,
 ``-DGGML_VULKAN=on``, ``-DGGML_RPC=on``...).
 """
@@ -25,9 +28,7 @@ from moe_gguf.errors import NativeBuildError  # noqa: F401  (re-exported)
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-PATCH_API_VERSION = 2  # LLAMA_MOE_STEER_API_VERSION in the patched llama.h
-
-PATCH_NAME = f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}.patch"
+PATCH_API_VERSION = 3  # LLAMA_MOE_STEER_API_VERSION in the patched llama.h
 
 # -DLLAVA_BUILD=OFF: what moe-gguf does not need; -DGGML_RPC=ON: llama.cpp's RPC backend, for models spread
 # over several machines (moe_gguf.engine.rpc). CMAKE_ARGS given by the user come after and win.
@@ -42,7 +43,8 @@ def cache_dir() -> Path:
 
 
 def patch_dir() -> Path:
-    """The folder of the llama.cpp patch: the repo's native/, installed as the package data moe_gguf._native."""
+    """The folder of the llama.cpp patch series (``series`` and the patches it lists): the repo's native/,
+    installed as the package data moe_gguf._native."""
     from importlib.resources import files
 
     try:
@@ -52,12 +54,25 @@ def patch_dir() -> Path:
     return folder
 
 
-def patch_path() -> Path:
-    path = patch_dir() / PATCH_NAME
-    if not path.is_file():
-        raise NativeBuildError(f"patch file not found: {path}; reinstall moe-gguf (pip install <checkout or wheel>), "
+def patch_series() -> list[Path]:
+    """The patches named in ``series``, in order (``#`` starts a comment; a name may be followed by options)."""
+    folder = patch_dir()
+    series = folder / "series"
+    if not series.is_file():
+        raise NativeBuildError(f"patch series not found: {series}; reinstall moe-gguf (pip install <checkout or wheel>), "
                                "whose package data moe_gguf._native holds it")
-    return path
+    patches = []
+    for line in series.read_text().splitlines():
+        name = line.split("#", 1)[0].strip().split(maxsplit=1)
+        if not name:
+            continue
+        patch = folder / name[0]
+        if not patch.is_file():
+            raise NativeBuildError(f"{series} lists {name[0]}, which is not in {folder}")
+        patches.append(patch)
+    if not patches:
+        raise NativeBuildError(f"{series} lists no patch")
+    return patches
 
 
 def cmake_args() -> list[str]:
@@ -67,7 +82,11 @@ def cmake_args() -> list[str]:
 def build_key() -> str:
     h = hashlib.sha256()
     h.update(LLAMA_CPP_PYTHON_VERSION.encode())
-    h.update(patch_path().read_bytes())
+    patches = patch_series()
+    h.update((patch_dir() / "series").read_bytes())
+    for patch in patches:
+        h.update(patch.name.encode())
+        h.update(patch.read_bytes())
     h.update(" ".join(cmake_args()).encode())
     h.update(sys.platform.encode())
     # the default build is -march=native: a wheel is only reusable on a CPU with the same features
@@ -117,24 +136,28 @@ def fetch_sdist(log=print) -> Path:
 
 
 def apply_patch(src: Path) -> None:
-    patch = patch_path()
+    """Apply every patch of the series to the extracted sdist in ``src``, in order, each one checked by a dry
+    run first; the first that does not apply stops the build, named."""
     tools = [
-        (["patch", "-p1", "--forward", "--batch", "--dry-run", "-i", str(patch)], ["patch", "-p1", "--forward", "--batch", "-i", str(patch)]),
-        (["git", "apply", "--check", str(patch)], ["git", "apply", str(patch)]),
+        (["patch", "-p1", "--forward", "--batch", "--dry-run", "-i"], ["patch", "-p1", "--forward", "--batch", "-i"]),
+        (["git", "apply", "--check"], ["git", "apply"]),
     ]
-    for dry, tool in tools:
-        if shutil.which(tool[0]) is None:
-            continue
-        r = subprocess.run(dry, cwd=src, capture_output=True, text=True)
+    tool = next(((dry, cmd) for dry, cmd in tools if shutil.which(cmd[0])), None)
+    if tool is None:
+        raise NativeBuildError("neither `patch` nor `git` is installed: install one of them to apply the llama.cpp patches")
+    dry, cmd = tool
+    for patch in patch_series():
+        r = subprocess.run([*dry, str(patch)], cwd=src, capture_output=True, text=True)
         if r.returncode != 0:
             raise NativeBuildError(
                 f"the moe-gguf patch {patch.name} does not apply to llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} "
                 f"in {src}:\n{(r.stdout + r.stderr)[-2000:]}\n"
-                f"moe-gguf supports exactly llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}."
+                f"moe-gguf supports exactly llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} (the pinned sdist); "
+                f"rebuild with `{FIX_COMMAND}`."
             )
-        subprocess.run(tool, cwd=src, check=True, capture_output=True)
-        return
-    raise NativeBuildError("neither `patch` nor `git` is installed: install one of them to apply the llama.cpp patch")
+        r = subprocess.run([*cmd, str(patch)], cwd=src, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise NativeBuildError(f"applying the moe-gguf patch {patch.name} failed in {src}:\n{(r.stdout + r.stderr)[-2000:]}")
 
 
 def build_wheel(log=print) -> Path:

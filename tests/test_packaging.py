@@ -66,8 +66,8 @@ import sys
 import moe_gguf
 from moe_gguf import SteeringProfile, ModelTopology, native
 assert "llama_cpp" not in sys.modules, "importing the public API loaded llama.cpp"
-path = native.patch_path()
-assert str(path).startswith(sys.argv[1]), path
+paths = native.patch_series()
+assert len(paths) >= 3 and all(str(p).startswith(sys.argv[1]) for p in paths), paths
 print(moe_gguf.__version__, SteeringProfile.__module__, ModelTopology.__module__)
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -28,6 +28,7 @@ ERRORS = {
 class llama_moe_route(ctypes.Structure):
     _fields_ = [
         ("il", ctypes.c_int32),
+        ("router", ctypes.c_int32),  # 0: the layer's first top-k selection, 1: its second (grovemoe's chunk experts)
         ("n_tokens", ctypes.c_int32),
         ("n_expert", ctypes.c_int32),
         ("n_expert_used", ctypes.c_int32),

@@ -3,6 +3,12 @@
 A RoutingRecord is additive: two records of the same model merge by addition, so probes run in
 pieces or on several machines combine exactly. It is saved as ``.npz`` (arrays) plus a JSON
 sidecar (metadata), both written atomically.
+
+A layer may route twice (grovemoe: its experts, then its chunk experts, two top-k selections; the
+library reports them as router 0 and router 1). The record's arrays are router 0's, the selection that
+steering acts on, so rankings and heatmaps read the layer's experts once per token; a second router's
+counts are kept apart in ``router1`` (a RoutingRecord over its own experts), saved as ``router1_*`` arrays.
+Files without them (older files, models that route once) load with ``router1 = None``.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ TokenFilter = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 class RouteSink(Protocol):
-    """What receives routing capture: ``on_route(route)`` once per MoE layer and ubatch, with a
+    """What receives routing capture: ``on_route(route)`` once per MoE layer (and router) and ubatch, with a
     ``llama_moe_route`` (valid only during the call; copy what you keep). RoutingRecorder is one."""
 
     def on_route(self, route: Any) -> None: ...
@@ -55,11 +61,16 @@ class TokenTrace:
     token: int
     experts: np.ndarray  # [n_expert_used] int32
     weights: np.ndarray  # [n_expert_used] float32
+    router: int = 0  # 1: the layer's second top-k selection (grovemoe's chunk experts)
 
 
 @dataclass
 class RoutingRecord:
-    """Counts per [layer, expert]: selections, summed routing weights; tokens routed per layer."""
+    """Counts per [layer, expert]: selections, summed routing weights; tokens routed per layer.
+
+    ``router1``: the same counts for a second top-k selection per layer (grovemoe's chunk experts, its own
+    number of experts), or None.
+    """
 
     n_layer: int
     n_expert: int
@@ -67,6 +78,7 @@ class RoutingRecord:
     weight_sum: np.ndarray = None  # type: ignore[assignment]  # float64 [n_layer, n_expert]
     tokens: np.ndarray = None  # type: ignore[assignment]  # int64 [n_layer]
     meta: dict = field(default_factory=dict)
+    router1: RoutingRecord | None = None
 
     def __post_init__(self) -> None:
         if self.selections is None:
@@ -86,11 +98,22 @@ class RoutingRecord:
         runs = merge_run_ids(self.meta, other.meta, what="routing record")
         if runs:
             meta["run_ids"] = runs
+        a, b = self.router1, other.router1
         return RoutingRecord(
             self.n_layer, self.n_expert,
             self.selections + other.selections, self.weight_sum + other.weight_sum, self.tokens + other.tokens,
-            meta,
+            meta, a + b if a is not None and b is not None else _copy(a if a is not None else b),
         )
+
+    def router_record(self, router: int, n_expert: int) -> RoutingRecord:
+        """The record of router 0 (self) or 1 (``router1``, made with ``n_expert`` experts on first use)."""
+        if router == 0:
+            return self
+        if router != 1:
+            raise ValueError(f"router {router}: a layer routes at most twice (routers 0 and 1)")
+        if self.router1 is None:
+            self.router1 = RoutingRecord(self.n_layer, n_expert)
+        return self.router1
 
     def _check_compatible(self, other: RoutingRecord) -> None:
         if (self.n_layer, self.n_expert) != (other.n_layer, other.n_expert):
@@ -114,9 +137,12 @@ class RoutingRecord:
         self.meta.setdefault("run_ids", [new_run_id()])  # the identity merges check: one run is never added twice
         meta = {"format": FORMAT, "version": VERSION, "n_layer": self.n_layer, "n_expert": self.n_expert, **self.meta}
         blob = json.dumps(meta, indent=2).encode()
+        r1 = self.router1
+        extra = {} if r1 is None else {"router1_selections": r1.selections, "router1_weight_sum": r1.weight_sum,
+                                       "router1_tokens": r1.tokens}
         atomic_write_all(make_dirs=True, files=[
             (path, lambda f: np.savez(f, selections=self.selections, weight_sum=self.weight_sum, tokens=self.tokens,
-                                      record_meta=np.frombuffer(blob, dtype=np.uint8))),
+                                      record_meta=np.frombuffer(blob, dtype=np.uint8), **extra)),
             (path.with_suffix(".json"), lambda f: f.write(blob)),
         ])
         return path
@@ -129,6 +155,8 @@ class RoutingRecord:
         try:
             with np.load(path, allow_pickle=False) as z:
                 sel, ws, tok = z["selections"], z["weight_sum"], z["tokens"]
+                r1 = tuple(z[f"router1_{k}"] for k in ("selections", "weight_sum", "tokens")) \
+                    if "router1_selections" in z.files else None
                 # not "meta.json": that names a probe result (moe_gguf.formats.prune.load_counts tells them apart by it)
                 inner = z["record_meta"].tobytes() if "record_meta" in z.files else None
         except FileNotFoundError as e:
@@ -152,9 +180,23 @@ class RoutingRecord:
             if k in meta and meta[k] != sel.shape[k == "n_expert"]:
                 raise CountFileError(f"{path}: arrays of shape {sel.shape} but its metadata says {k} = {meta[k]!r}")
         sel, ws, tok = check_counts(path, sel, ws, tok)
+        router1 = None
+        if r1 is not None:
+            s1, w1, t1 = r1
+            if s1.ndim != 2 or s1.shape[0] != sel.shape[0] or w1.shape != s1.shape or t1.shape != (sel.shape[0],):
+                raise CountFileError(f"{path}: inconsistent router1 array shapes {s1.shape}, {w1.shape}, {t1.shape}")
+            s1, w1, t1 = check_counts(path, s1, w1, t1)
+            router1 = cls(s1.shape[0], s1.shape[1], s1, w1, t1)
         for k in ("format", "version", "n_layer", "n_expert"):
             meta.pop(k, None)
-        return cls(sel.shape[0], sel.shape[1], sel, ws, tok, meta)
+        return cls(sel.shape[0], sel.shape[1], sel, ws, tok, meta, router1)
+
+
+def _copy(rec: RoutingRecord | None) -> RoutingRecord | None:
+    if rec is None:
+        return None
+    return RoutingRecord(rec.n_layer, rec.n_expert, rec.selections.copy(), rec.weight_sum.copy(), rec.tokens.copy(),
+                         dict(rec.meta), _copy(rec.router1))
 
 
 def new_run_id() -> str:
@@ -211,7 +253,8 @@ class RoutingRecorder:
     def on_route(self, route: ctypes.Structure) -> None:
         """Handle one llama_moe_route (called from llama_decode's thread)."""
         n, k, layer = route.n_tokens, route.n_expert_used, route.il
-        if n <= 0 or not (0 <= layer < self.record.n_layer):
+        router = getattr(route, "router", 0)
+        if n <= 0 or not (0 <= layer < self.record.n_layer) or router not in (0, 1):
             return
         ids = np.ctypeslib.as_array(route.ids, shape=(n, k))
         weights = np.ctypeslib.as_array(route.weights, shape=(n, k))
@@ -224,10 +267,11 @@ class RoutingRecorder:
             n = len(seq)
             if n == 0:
                 return
-        rec = self.record
+        rec = self.record if router == 0 else self.record.router_record(1, route.n_expert)
         rec.selections[layer] += np.bincount(ids.ravel(), minlength=rec.n_expert)[: rec.n_expert]
         rec.weight_sum[layer] += np.bincount(ids.ravel(), weights=weights.ravel(), minlength=rec.n_expert)[: rec.n_expert]
         rec.tokens[layer] += n
         if self.keep_traces:
             for i in range(n):
-                self.traces.append(TokenTrace(layer, int(seq[i]), int(pos[i]), int(toks[i]), ids[i].copy(), weights[i].copy()))
+                self.traces.append(TokenTrace(layer, int(seq[i]), int(pos[i]), int(toks[i]), ids[i].copy(), weights[i].copy(),
+                                              router))

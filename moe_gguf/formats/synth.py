@@ -1,6 +1,6 @@
 """Random-weight Mixture-of-Experts GGUF files that the real llama.cpp loads and runs.
 
-Used by tests and benchmarks: every file is a valid model of one of four MoE architectures
+Used by tests and benchmarks: every file is a valid model of one of six MoE architectures
 (tensor names, shapes and metadata keys as llama.cpp's loaders read them), with a small
 byte-level BPE tokenizer and a ChatML chat template, so ``llama_cpp.Llama`` can tokenize,
 decode and chat with it.  Weights are deterministic given ``SynthSpec.seed``.
@@ -23,11 +23,14 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-ARCHS = ("qwen3moe", "mixtral", "deepseek2", "gpt-oss")
+# grovemoe: qwen3moe plus "chunk experts" that a second top-k selection per layer picks (router 1 of the
+# routing capture); llada-moe: qwen3moe's layers in a diffusion LM (no KV cache, non-causal attention)
+ARCHS = ("qwen3moe", "mixtral", "deepseek2", "gpt-oss", "grovemoe", "llada-moe")
 DTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_k")
 
 # GGUF `general.architecture` per arch: Mixtral is llama.cpp's "llama" with experts.
-GGUF_ARCH = {"qwen3moe": "qwen3moe", "mixtral": "llama", "deepseek2": "deepseek2", "gpt-oss": "gpt-oss"}
+GGUF_ARCH = {"qwen3moe": "qwen3moe", "mixtral": "llama", "deepseek2": "deepseek2", "gpt-oss": "gpt-oss",
+             "grovemoe": "grovemoe", "llada-moe": "llada-moe"}
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE = (
@@ -71,6 +74,8 @@ class SynthSpec:
     kv_lora_rank: int = 0  # deepseek2 MLA: compressed KV width (0 = 2 * head_dim)
     rope_dim: int = 0  # deepseek2 MLA: RoPE part of the q/k head (0 = head_dim // 2)
     sliding_window: int = 128  # gpt-oss: window of the even (SWA) layers
+    n_group_experts: int = 0  # grovemoe: experts per chunk expert (n_expert / n_group_experts chunk experts)
+    n_ff_chexp: int = 0  # grovemoe: chunk expert FFN size (0 = n_ff_exp)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -96,6 +101,13 @@ class SynthSpec:
                     raise ValueError("need 0 < n_group_used < n_expert_groups")
         elif self.n_expert_groups or self.n_leading_dense or self.n_shared_expert:
             raise ValueError("expert groups, shared experts and dense layers are deepseek2-only here")
+        if self.arch == "grovemoe":
+            if self.n_group_experts < 1 or self.n_expert % self.n_group_experts:
+                raise ValueError("grovemoe needs n_group_experts >= 1 dividing n_expert")
+        elif self.n_group_experts or self.n_ff_chexp:
+            raise ValueError("chunk experts (n_group_experts, n_ff_chexp) are grovemoe-only")
+        if self.arch == "llada-moe" and self.n_head * self.head_dim != self.n_embd:
+            raise ValueError("llada-moe needs n_head * head_dim == n_embd (llama.cpp sizes attn_output so)")
 
     def replace(self, **changes: object) -> SynthSpec:
         """A copy with some fields changed, e.g. ``spec.replace(n_layer=4, seed=1)``."""
@@ -120,6 +132,8 @@ PRESETS: dict[str, SynthSpec] = {
         n_expert=16, n_expert_used=4, n_ff_dense=64, n_shared_expert=1, n_leading_dense=1,
         n_expert_groups=4, n_group_used=2, kv_lora_rank=32, rope_dim=16,
     ),
+    "tiny-grovemoe": SynthSpec("grovemoe", **{**_TINY, "n_ff_exp": 48}, n_group_experts=2, n_ff_chexp=32),
+    "tiny-llada-moe": SynthSpec("llada-moe", **{**_TINY, "head_dim": 64}),
     "tiny-gpt-oss": SynthSpec(
         "gpt-oss", n_layer=2, n_embd=256, n_head=4, n_head_kv=2, head_dim=32, n_ff_exp=64,
         n_expert=8, n_expert_used=4, sliding_window=32,
@@ -252,7 +266,7 @@ def _tensor_plan(s: SynthSpec) -> list[_Tensor]:
             q, kv = s.n_head * s.head_dim, s.n_head_kv * s.head_dim
             plan += [_w(f"{b}.attn_q.weight", q, E), _w(f"{b}.attn_k.weight", kv, E), _w(f"{b}.attn_v.weight", kv, E)]
             plan.append(_w(f"{b}.attn_output.weight", E, q))
-            if s.arch == "qwen3moe":
+            if s.arch in ("qwen3moe", "grovemoe", "llada-moe"):
                 plan += [_norm(f"{b}.attn_q_norm.weight", s.head_dim), _norm(f"{b}.attn_k_norm.weight", s.head_dim)]
             if s.arch == "gpt-oss":
                 plan += [_small(f"{b}.attn_q.bias", q), _small(f"{b}.attn_k.bias", kv), _small(f"{b}.attn_v.bias", kv)]
@@ -276,6 +290,13 @@ def _tensor_plan(s: SynthSpec) -> list[_Tensor]:
                 _small(f"{b}.ffn_gate_exps.bias", X, F),
                 _small(f"{b}.ffn_up_exps.bias", X, F),
                 _small(f"{b}.ffn_down_exps.bias", X, E),
+            ]
+        if s.arch == "grovemoe":
+            C, G = s.n_expert // s.n_group_experts, s.n_ff_chexp or F
+            plan += [
+                _w(f"{b}.ffn_gate_chexps.weight", C, G, E),
+                _w(f"{b}.ffn_up_chexps.weight", C, G, E),
+                _w(f"{b}.ffn_down_chexps.weight", C, E, G),
             ]
         if s.arch == "deepseek2":
             S = F * s.n_shared_expert
@@ -334,11 +355,15 @@ def _add_hparams(w: gguf.GGUFWriter, s: SynthSpec) -> None:
         w.add_feed_forward_length(s.n_ff_exp)  # "llama" reads the expert size from here
         w.add_rope_freq_base(1e6)
         w.add_layer_norm_rms_eps(1e-5)
-    elif s.arch == "qwen3moe":
+    elif s.arch in ("qwen3moe", "grovemoe", "llada-moe"):
         w.add_feed_forward_length(s.n_ff_exp * s.n_expert_used)
         w.add_expert_feed_forward_length(s.n_ff_exp)
         w.add_rope_freq_base(1e6)
         w.add_layer_norm_rms_eps(1e-6)
+        if s.arch == "grovemoe":
+            w.add_uint32(f"{GGUF_ARCH[s.arch]}.expert_chunk_feed_forward_length", s.n_ff_chexp or s.n_ff_exp)
+            w.add_uint32(f"{GGUF_ARCH[s.arch]}.experts_per_group", s.n_group_experts)
+            w.add_float32(f"{GGUF_ARCH[s.arch]}.expert_group_scale", 0.5)
     else:  # gpt-oss: even layers use a sliding window (llama.cpp's default pattern of 2)
         w.add_feed_forward_length(s.n_ff_exp)
         w.add_expert_feed_forward_length(s.n_ff_exp)

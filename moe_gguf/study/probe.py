@@ -331,6 +331,8 @@ def probe(model: MoEModel, items: Sequence[ProbeItem], *, token_mode: str = "pro
             ntok = np.zeros((len(batch), topo.n_layer), np.int64)
 
             def on_route(route, spans=spans, maps=maps, wsum=wsum, ntok=ntok) -> None:
+                if getattr(route, "router", 0):  # a second top-k of the layer (grovemoe's chunk experts): not the steerable experts
+                    return
                 n, k, layer = route.n_tokens, route.n_expert_used, route.il
                 ids = np.ctypeslib.as_array(route.ids, shape=(n, k))
                 w = np.ctypeslib.as_array(route.weights, shape=(n, k))
