@@ -11,7 +11,7 @@ import pytest
 from moe_gguf.tui.app import MoEChatApp, run_chat
 from moe_gguf.tui.config import Sampling, load_config
 from moe_gguf.tui.screens.conversations import ConversationsScreen
-from moe_gguf.tui.screens.dialogs import FilePicker
+from moe_gguf.tui.screens.dialogs import Confirm, FilePicker
 from moe_gguf.tui.screens.settings import SettingsScreen
 from moe_gguf.tui.session import ChatSession
 from moe_gguf.tui.store import ConversationStore
@@ -165,10 +165,13 @@ async def test_regenerate_and_edit_and_resend(model_path, dirs):
         assert chat.turns[1].content == first_reply.content  # greedy: the same reply again
         await pilot.press("ctrl+g")
         chat_input = chat.query_one(ChatInput)
-        assert chat.turns == [] and chat_input.text == "first question"
+        # nothing is deleted before the edit is sent: the messages it replaces are only dimmed
+        assert len(chat.turns) == 2 and chat_input.text == "first question"
+        assert chat.turns[0].view.has_class("-replaced") and chat.turns[1].view.has_class("-replaced")
         await pilot.press(*" again", "enter")
         await wait_for(pilot, lambda: len(chat.turns) == 2 and not chat.generating, what="resent")
         assert chat.turns[0].content == "first question again"
+        assert not chat.turns[0].view.has_class("-replaced")
         store = db(dirs)
         msgs = store.messages(store.conversations()[0].id)
         assert [m.content for m in msgs if m.role == "user"] == ["first question again"]
@@ -176,7 +179,7 @@ async def test_regenerate_and_edit_and_resend(model_path, dirs):
 
 
 @pytest.mark.asyncio
-async def test_regenerate_and_edit_from_a_focused_message(model_path):
+async def test_regenerate_and_edit_from_a_focused_message(model_path, dirs):
     app = make_app(model_path)
     async with app.run_test(size=SIZE) as pilot:
         await wait_ready(pilot)
@@ -185,13 +188,24 @@ async def test_regenerate_and_edit_from_a_focused_message(model_path):
         await send(pilot, "two")
         first_user = chat.turns[0]
         first_user.view.focus()
-        await pilot.press("e")  # edit an earlier message: it and everything after are taken back
-        assert chat.turns == [] and chat.query_one(ChatInput).text == "one"
-        await send(pilot, "uno")
+        await pilot.press("e")  # edit an earlier message: it and everything after are replaced when it is sent
+        assert len(chat.turns) == 4 and chat.query_one(ChatInput).text == "one"
+        chat.query_one(ChatInput).load_text("uno")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: len(chat.turns) == 2 and not chat.generating, what="resent")
+        assert chat.turns[0].content == "uno"
+        await send(pilot, "dos")
+        chat.turns[1].view.focus()
+        await pilot.press("r")  # an older reply: regenerating it deletes the later turns, so it asks first
+        assert isinstance(app.screen, Confirm)
+        await pilot.press("n")
+        await pilot.pause()
+        assert len(chat.turns) == 4 and len(db(dirs).messages(chat.conversation_id)) == 4
         chat.turns[1].view.focus()
         await pilot.press("r")
+        await pilot.press("y")
         await wait_for(pilot, lambda: len(chat.turns) == 2 and not chat.generating, what="regenerated")
-        assert chat.turns[0].content == "uno"
+        assert chat.turns[0].content == "uno" and len(db(dirs).messages(chat.conversation_id)) == 2
 
 
 @pytest.mark.asyncio
@@ -268,6 +282,11 @@ async def test_settings_dialog_changes_sampling_and_system_prompt(model_path, di
         screen.query_one("#temperature", Input).value = "0.8"
         screen.query_one("#max-tokens", Input).value = "5"
         screen.query_one("#seed", Input).value = "7"
+        screen.query_one("#max-tokens", Input).value = "300"  # more than half the context (512): refused
+        await pilot.press("ctrl+s")
+        assert isinstance(app.screen, SettingsScreen)
+        assert "at most 256" in str(screen.query_one("#settings-error", Static).render())
+        screen.query_one("#max-tokens", Input).value = "5"
         await pilot.press("ctrl+s")
         assert not isinstance(app.screen, SettingsScreen)
         assert app.sampling == Sampling(0.8, 0.9, 5, 7) and app.system_prompt == "Be brief."
@@ -283,7 +302,9 @@ async def test_settings_dialog_changes_sampling_and_system_prompt(model_path, di
     assert conv.system_prompt == "Be brief."
     assert reply.meta["sampling"] == {"temperature": 0.8, "top_p": 0.9, "max_tokens": 5, "seed": 7}
     assert reply.meta["n_tokens"] <= 5
-    assert store.get_state("sampling")["seed"] == 7  # remembered as the next default
+    # the settings belong to the conversation (restored when it is resumed), not to every later session
+    assert store.settings(conv.id)["sampling"]["seed"] == 7 and store.settings(conv.id)["system_prompt"] == "Be brief."
+    assert store.get_state("sampling") is None
 
 
 def test_chat_template_and_context_trimming(model_path):
@@ -741,6 +762,8 @@ async def test_schedule_after_tokens_and_after_text(model_path, dirs):
         # after a text: steering starts once the reply contains it
         text = chat.turns[-1].content
         panel.query_one("#sched-tokens", Input).value = "0"
+        panel.query_one("#sched-when", Select).value = "text"
+        await pilot.pause()
         panel.query_one("#sched-text", Input).value = text[:2]
         await pilot.pause()
         assert app.session.profile.schedule.after_text == text[:2]

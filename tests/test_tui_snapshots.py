@@ -8,6 +8,7 @@ Update after an intended UI change with: pytest tests/test_tui_snapshots.py --sn
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,11 +55,12 @@ def model_path(synth_model):
     return synth_model("qwen3moe", "q8_0")
 
 
-def _store(tmp_path, compare: bool = False) -> tuple[ConversationStore, int]:
+def _store(tmp_path, compare: bool = False, profile: dict | None = None) -> tuple[ConversationStore, int]:
+    """A stored conversation; its reply was steered by `profile` (a profile dict: resuming restores it)."""
     store = ConversationStore(tmp_path / "data" / "conversations.db")
     cid = store.new_conversation("What are experts?", model="synth-qwen3moe")
     store.add_message(cid, "user", "What are experts in a MoE model?")
-    steering = {"enabled": True, "strength": 1.0, "profile": {"name": "quiet"}}
+    steering = {"enabled": True, "strength": 1.0, "profile": profile or {"name": "quiet"}}
     meta = {"n_tokens": 42, "steering": steering, "sampling": GREEDY.to_dict()}
     if compare:
         meta["compare"] = "Without steering the router keeps its **usual** experts.\n\n```sh\necho unsteered\n```\n"
@@ -80,6 +82,13 @@ def _profile(tmp_path, model_path):
     path = tmp_path / "quiet.json"
     SteeringProfile.for_model(topo, name="quiet").disable(1, 3).force(0, 5).bias(1, 6, -2.0).save(path)
     return path
+
+
+def _steered(tmp_path, model_path, compare: bool = False) -> tuple[ConversationStore, int, Path]:
+    """A conversation steered by the quiet profile (resuming it restores that profile), and the profile file."""
+    path = _profile(tmp_path, model_path)
+    store, cid = _store(tmp_path, compare, SteeringProfile.load(path).to_dict())
+    return store, cid, path
 
 
 async def _settle(pilot, cid=None) -> None:
@@ -112,8 +121,8 @@ def _fixed_routing(app) -> None:
 
 
 def test_main_screen(snap_compare, tmp_path, model_path):
-    store, cid = _store(tmp_path)
-    app = _app(model_path, store, profiles=[str(_profile(tmp_path, model_path))])
+    store, cid, profile = _steered(tmp_path, model_path)
+    app = _app(model_path, store, profiles=[str(profile)])
 
     async def run_before(pilot):
         await _settle(pilot, cid)
@@ -122,8 +131,8 @@ def test_main_screen(snap_compare, tmp_path, model_path):
 
 
 def test_experts_heatmap(snap_compare, tmp_path, model_path):
-    store, cid = _store(tmp_path)
-    app = _app(model_path, store, profiles=[str(_profile(tmp_path, model_path))])
+    store, cid, profile = _steered(tmp_path, model_path)
+    app = _app(model_path, store, profiles=[str(profile)])
 
     async def run_before(pilot):
         await _settle(pilot, cid)
@@ -157,9 +166,8 @@ def test_compare_view(snap_compare, tmp_path, model_path):
     app = _app(model_path, store)
 
     async def run_before(pilot):
-        await _settle(pilot, cid)
-        await pilot.press("ctrl+l")
-        pilot.app.clear_notifications()
+        await _settle(pilot, cid)  # resuming a compare-mode chat turns compare mode on
+        assert pilot.app.chat.compare_mode
         await _no_cursor(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
@@ -185,5 +193,81 @@ def test_settings_screen(snap_compare, tmp_path, model_path):
         await _settle(pilot)
         await pilot.press("ctrl+s")
         await _no_cursor(pilot)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
+
+
+# -- small terminals (the side panel is an overlay below 100 columns) and reasoning replies ------------------------
+
+SMALL, TINY = (80, 24), (60, 15)
+
+
+def test_main_screen_80x24(snap_compare, tmp_path, model_path):
+    store, cid, profile = _steered(tmp_path, model_path)
+    app = _app(model_path, store, profiles=[str(profile)])
+
+    async def run_before(pilot):
+        await _settle(pilot, cid)
+
+    assert snap_compare(app, terminal_size=SMALL, run_before=run_before)
+
+
+def test_side_panel_overlay_80x24(snap_compare, tmp_path, model_path):
+    store, cid, profile = _steered(tmp_path, model_path)
+    app = _app(model_path, store, profiles=[str(profile)])
+
+    async def run_before(pilot):
+        await _settle(pilot, cid)
+        await pilot.press("f3")
+        await _no_cursor(pilot)
+
+    assert snap_compare(app, terminal_size=SMALL, run_before=run_before)
+
+
+def test_main_screen_60x15(snap_compare, tmp_path, model_path):
+    store, cid = _store(tmp_path)
+    app = _app(model_path, store)
+
+    async def run_before(pilot):
+        await _settle(pilot, cid)
+
+    assert snap_compare(app, terminal_size=TINY, run_before=run_before)
+
+
+def test_conversations_screen_60x15(snap_compare, tmp_path, model_path):
+    store, _ = _store(tmp_path)
+    app = _app(model_path, store)
+
+    async def run_before(pilot):
+        await _settle(pilot)
+        await pilot.press("ctrl+o")
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=TINY, run_before=run_before)
+
+
+def test_settings_screen_80x24(snap_compare, tmp_path, model_path):
+    store, _ = _store(tmp_path)
+    app = _app(model_path, store, system_prompt="You are a concise assistant.")
+
+    async def run_before(pilot):
+        await _settle(pilot)
+        await pilot.press("ctrl+s")
+        await _no_cursor(pilot)
+
+    assert snap_compare(app, terminal_size=SMALL, run_before=run_before)
+
+
+def test_thinking_reply_folded(snap_compare, tmp_path, model_path):
+    store = ConversationStore(tmp_path / "data" / "conversations.db")
+    cid = store.new_conversation("Reasoning", model="synth-qwen3moe")
+    store.add_message(cid, "user", "Which experts matter?\nAnswer in one line.")
+    meta = {"n_tokens": 30, "steering": {"enabled": False}, "sampling": GREEDY.to_dict(), "finish": "length"}
+    store.add_message(cid, "assistant", "<think>\nThe user asks about experts. Keep it short.\n</think>\n"
+                      "The **routed** ones.", meta=meta)
+    app = _app(model_path, store)
+
+    async def run_before(pilot):
+        await _settle(pilot, cid)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +18,14 @@ from moe_gguf.tui.screens.conversations import ConversationsChanged
 from moe_gguf.tui.screens.dialogs import FilePicker
 from moe_gguf.tui.session import ChatSession
 from moe_gguf.tui.store import ConversationStore
+from moe_gguf.tui.widgets.steering import SteeringPanel
 from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
 from moe_gguf.errors import ModelMismatchError, ProfileError
+from moe_gguf.formats.profile import Schedule
 
 
 class MoEChatApp(App):
@@ -31,29 +33,30 @@ class MoEChatApp(App):
     # each screen's TCSS lives next to it; all are loaded here (screen-level CSS_PATH is not applied to the default screen)
     CSS_PATH = ["app.tcss", "screens/chat.tcss", "screens/dialogs.tcss"]
     BINDINGS = [Binding("ctrl+q", "quit", "Quit", id="quit", priority=True)]
+    # responsive classes on every screen (see app.tcss): the side panel overlays below 100 columns, dialogs fill
+    # small terminals
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide"), (150, "-xwide")]
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (30, "-tall")]
 
     def __init__(self, *, model_path: str | os.PathLike | None = None, n_gpu_layers: int = 0, n_ctx: int = 2048,
                  threads: int | None = None, expert_used_count: int | None = None, profiles: Sequence[str] = (),
                  system_prompt: str | None = None, store: ConversationStore | None = None,
                  config: Config | None = None, stable_stats: bool = False, sampling: Sampling | None = None,
-                 **model_options: Any) -> None:
+                 allow_model_mismatch: bool = False, **model_options: Any) -> None:
         """model_options: the rest of llama.cpp's loading options (cpu_moe, n_cpu_moe, override_tensor, no_repack,
-        or MoEModel / llama_cpp.Llama keywords), handed to ChatSession."""
+        or MoEModel / llama_cpp.Llama keywords), handed to ChatSession. allow_model_mismatch: apply profiles made
+        for another model when their entries fit (a switch in the Steer tab too)."""
         super().__init__()
         self.session = ChatSession(model_path, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads,
                                    expert_used_count=expert_used_count, **model_options)
+        self.session.allow_mismatch = allow_model_mismatch
         self.config = config if config is not None else load_config()
         self.store = store if store is not None else ConversationStore(data_dir() / "conversations.db")
         self.store.recover()
         self.initial_profiles = [str(p) for p in profiles]
-        # precedence: the command line, then the config file; sampling: given, last used, config
+        # precedence: the command line, then the config file. Sampling settings belong to a conversation (saved
+        # with it, restored on resume); a new session starts from the config file's
         self.system_prompt = system_prompt if system_prompt is not None else (self.config.system_prompt or "")
-        saved = self.store.get_state("sampling")
-        if sampling is None and saved:
-            try:
-                sampling = Sampling.from_dict(saved)
-            except ValueError:
-                sampling = None
         self.sampling = sampling or self.config.sampling
         self.stable_stats = stable_stats  # snapshot tests: no timing-dependent numbers on screen
 
@@ -89,19 +92,21 @@ class MoEChatApp(App):
         for screen in self.screen_stack:
             if isinstance(screen, ChatScreen):
                 screen._stop.set()
+                screen.interrupted()
         self.workers.cancel_all()
 
     # -- model --
 
-    def load_model(self, path: Path | None) -> None:
+    def load_model(self, path: Path | None, then: Callable[[], None] | None = None) -> None:
+        """Load a model in a worker; `then` runs on the UI thread once it is loaded."""
         if self.chat.generating:
             self.notify("Still generating: press Esc to stop first", severity="warning")
             return
         self.chat.model_loading(path.name if path else "the demo model")
-        self._load_model(path)
+        self._load_model(path, then)
 
     @work(thread=True, exclusive=True, group="load")
-    def _load_model(self, path: Path | None) -> None:
+    def _load_model(self, path: Path | None, then: Callable[[], None] | None = None) -> None:
         previous = self.session.model_path
         self.session.model_path = None if path is None else Path(path)
         try:
@@ -110,7 +115,7 @@ class MoEChatApp(App):
             self.session.model_path = previous if self.session.ready else self.session.model_path
             self.call_from_thread(self._model_failed, e)
             return
-        self.call_from_thread(self._model_loaded)
+        self.call_from_thread(self._model_loaded, then)
 
     def _model_failed(self, error: Exception) -> None:
         msg = str(error) or type(error).__name__
@@ -118,7 +123,7 @@ class MoEChatApp(App):
         self.chat.update_status("model not loaded")
         self.notify(msg, title="Model", severity="error", timeout=10)
 
-    def _model_loaded(self) -> None:
+    def _model_loaded(self, then: Callable[[], None] | None = None) -> None:
         self.chat.show_error("")
         self.chat.model_ready()
         if self.initial_profiles:
@@ -126,6 +131,13 @@ class MoEChatApp(App):
             self.load_profiles(paths)
         if self.session.notice:
             self.notify(self.session.notice, title="Demo model", severity="warning", timeout=10)
+        if self.session.profile_notice:
+            self.notify(self.session.profile_notice, title="Steering profile", severity="warning", timeout=12)
+        self.show_profile_warnings()
+        if then is not None:
+            then()
+        else:
+            self.chat.save_settings()  # the conversation continues on this model
         topo = self.session.topology
         self.notify(f"{topo.name}: {len(topo.moe_layers)} MoE layers × {topo.n_expert} experts, "
                     f"{topo.n_expert_used} per token", title="Model loaded")
@@ -139,16 +151,24 @@ class MoEChatApp(App):
         try:
             profile = self.session.load_profiles(paths)
         except ModelMismatchError as e:
-            self.chat.refresh_steering(error=str(e))
-            self.notify(str(e), title="Profile for another model", severity="error", timeout=10)
+            msg = str(e).replace("(--allow-model-mismatch)", "(switch on 'allow other model' in the Steer tab)")
+            self.chat.refresh_steering(error=msg)
+            self.notify(msg, title="Profile for another model", severity="error", timeout=10)
             return False
         except ProfileError as e:
             self.chat.refresh_steering(error=str(e))
             self.notify(str(e), title="Profile not loaded", severity="error", timeout=10)
             return False
         self.chat.refresh_steering()
+        self.chat.save_settings()
         self.notify(f"Profile {profile.name or 'untitled'}: {len(profile.entries)} entries", title="Profile loaded")
+        self.show_profile_warnings()
         return True
+
+    def show_profile_warnings(self) -> None:
+        """Warnings from checking a profile against the model (same shape, other router weights)."""
+        for message in self.session.take_warnings():
+            self.notify(message, title="Profile made for other weights", severity="warning", timeout=12)
 
     async def on_conversations_changed(self, event: ConversationsChanged) -> None:
         await self.chat.conversations_changed(event)
@@ -156,9 +176,9 @@ class MoEChatApp(App):
     # -- settings --
 
     def set_settings(self, system_prompt: str, sampling: Sampling) -> None:
+        """The current conversation's system prompt and sampling (the chat screen saves them with it)."""
         self.system_prompt = system_prompt
         self.sampling = sampling
-        self.store.set_state("sampling", sampling.to_dict())
 
     # -- export --
 
@@ -194,8 +214,10 @@ class MoEChatApp(App):
         yield SystemCommand("Load steering profile", "Open a profile .json", chat.pick_profile)
         yield SystemCommand("Save steering profile", "Save the working profile as .json", chat.save_profile_dialog)
         yield SystemCommand("New steering profile", "Start an empty profile for this model",
-                            lambda: chat.on_steering_panel_request(chat.query_one("SteeringPanel").Request("new")))
+                            lambda: chat.on_steering_panel_profile_command(SteeringPanel.ProfileCommand("new")))
         yield SystemCommand("Regenerate", "Answer the last message again", chat.action_regenerate)
+        yield SystemCommand("Previous reply version", "Bring back the reply a regenerate replaced (again: the one "
+                            "before)", chat.action_previous_version)
         yield SystemCommand("Edit last message", "Put the last message back in the input to edit and resend",
                             chat.action_edit_last)
         yield SystemCommand("Copy reply", "Copy the last reply to the clipboard", chat.action_copy_reply)
@@ -205,6 +227,9 @@ class MoEChatApp(App):
                             lambda: chat.show_tab("tab-experts"))
         yield SystemCommand("Show token routing", "Pick a generated token, see its experts per layer",
                             lambda: chat.show_tab("tab-tokens"))
+        yield SystemCommand("Steer after thinking", "Reasoning models: steer only once the reply closes </think>",
+                            lambda: chat.on_steering_panel_schedule_changed(SteeringPanel.ScheduleChanged(
+                                Schedule("generated", 0, "</think>"))))
         yield SystemCommand("Open model", "Load another GGUF model", self.action_open_model)
         if chat.conversation_id is not None:
             cid = chat.conversation_id
@@ -225,7 +250,7 @@ class MoEChatApp(App):
 
 def run_chat(*, model_path: str | os.PathLike | None = None, n_gpu_layers: int = 0, n_ctx: int = 2048,
              threads: int | None = None, expert_used_count: int | None = None, profiles: Sequence[str] = (),
-             system_prompt: str | None = None, **model_options: Any) -> None:
+             system_prompt: str | None = None, allow_model_mismatch: bool = False, **model_options: Any) -> None:
     """Run the chat UI (the `moe-gguf chat` command). Without a model path: the shipped demo model.
 
     model_options: cpu_moe, n_cpu_moe, override_tensor, no_repack (llama.cpp's --cpu-moe, --n-cpu-moe, -ot,
@@ -233,7 +258,7 @@ def run_chat(*, model_path: str | os.PathLike | None = None, n_gpu_layers: int =
     """
     app = MoEChatApp(model_path=model_path, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads,
                      expert_used_count=expert_used_count, profiles=profiles, system_prompt=system_prompt,
-                     **model_options)
+                     allow_model_mismatch=allow_model_mismatch, **model_options)
     try:
         app.run()
     finally:

@@ -9,7 +9,7 @@ Read from ``tui.toml`` (or ``tui.json``) in the config directory (see tui.paths.
     temperature = 0.7
     top_p = 0.95
     max_tokens = 256
-    seed = 0
+    seed = "random"         # a new random seed for every reply (the default), or a fixed integer
 
     [bindings]              # binding id = "key[,key...]" (Textual key names)
     send = "enter"
@@ -43,6 +43,7 @@ DEFAULT_BINDINGS: dict[str, tuple[str, str]] = {
     "toggle_steering": ("ctrl+t", "Steering on / off"),
     "compare": ("ctrl+l", "Compare mode: steered and unsteered side by side"),
     "toggle_panel": ("f3", "Show / hide the side panel"),
+    "next_tab": ("f2", "Side panel: next tab (Steer, Experts, Tokens), opening the panel"),
     "focus_input": ("f4", "Focus the message input"),
     "quit": ("ctrl+q", "Quit"),
 }
@@ -53,19 +54,23 @@ class Sampling:
     temperature: float = 0.7
     top_p: float = 0.95
     max_tokens: int = 256
-    seed: int = 0
+    seed: int | None = None  # None: a new random seed for every reply (regenerate gives another answer)
 
     def to_dict(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens, "seed": self.seed}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Sampling:
-        """Known keys with the right types; raises ValueError naming a bad one."""
+        """Known keys with the right types; raises ValueError naming a bad one. seed: an integer, or
+        "random" / null for a random seed per reply."""
         out = cls()
         for f in fields(cls):
             if f.name not in d:
                 continue
             v = d[f.name]
+            if f.name == "seed" and (v is None or v == "random"):
+                out.seed = None
+                continue
             kind = int if f.name in ("max_tokens", "seed") else float
             if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
                 raise ValueError(f"sampling.{f.name} must be {'an integer' if kind is int else 'a number'}, found {v!r}")
@@ -80,8 +85,8 @@ class Sampling:
             raise ValueError(f"top-p must be in (0, 1], found {self.top_p}")
         if self.max_tokens < 1:
             raise ValueError(f"max tokens must be >= 1, found {self.max_tokens}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, found {self.seed}")
+        if self.seed is not None and not 0 <= self.seed < 2**31:
+            raise ValueError(f"seed must be in [0, 2^31) or empty for a random seed per reply, found {self.seed}")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Write an SVG screenshot of the chat UI after a real steered reply (for the README).
 
-    python -m tui.screenshot docs/tui.svg [MODEL.gguf]
+    python -m moe_gguf.tui.screenshot docs/tui.svg [MODEL.gguf]
 
 Without a model: the demo model (see tui.session.default_model_path). Runs headless in a throwaway data dir.
 """

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 import os
+import secrets
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +21,16 @@ from typing import Any
 import numpy as np
 from moe_gguf.tui.config import Sampling
 from moe_gguf.tui.paths import cache_dir
+from moe_gguf.tui.thinking import THINK_CLOSE, THINK_OPEN
 
-from moe_gguf.errors import ProfileError
+from moe_gguf.errors import ModelMismatchError, ModelWeightsWarning, ProfileError
 from moe_gguf.formats.profile import ACTIONS, Schedule, SteeringProfile
 from moe_gguf.formats.records import RouteTee, RoutingRecorder, TokenTrace
 
 DEMO_PRESET = "tiny-qwen3moe"
+# per-token routes are stored with a reply when it has at most this many (token, MoE layer) pairs (a few hundred KB
+# of JSON); longer replies keep their per-layer counts only
+MAX_STORED_ROUTES = 4096
 
 
 def default_model_path() -> tuple[Path, str]:
@@ -66,6 +72,8 @@ class ReplyUpdate:
     finish: list[str] = field(default_factory=list)
     steered_from: list[int | None] = field(default_factory=list)
     dropped: int = 0  # oldest messages left out to fit the context
+    seed: int = 0  # the seed this reply was sampled with
+    think_end: list[int | None] = field(default_factory=list)  # per sequence: generated tokens up to </think>
 
 
 @dataclass
@@ -73,6 +81,7 @@ class _Reply:
     n_prompt: int
     recorders: list[RoutingRecorder]
     tokens: list[list[int]] = field(default_factory=list)
+    think_end: list[int | None] = field(default_factory=list)
     _index: dict[int, tuple[int, dict[int, list[TokenTrace]]]] = field(default_factory=dict)  # seq -> (n, pos -> traces)
 
     def routes(self, seq: int, pos: int) -> list[TokenTrace]:
@@ -112,11 +121,14 @@ class ChatSession:
         self.profile_path: Path | None = None
         self.steering_enabled = True
         self.strength = 1.0
+        self.allow_mismatch = False  # apply a profile made for another model when its entries fit this one
         self._frozen: SteeringProfile | None = None  # copy handed to the context; remade after every edit
         self._frozen_key: tuple | None = None
         self._lock = threading.Lock()  # one generation at a time
         self.last: _Reply | None = None
         self.notice = ""  # something the UI should tell after load() (e.g. the demo model fallback)
+        self.profile_notice = ""  # after load(): the working profile was dropped (made for another model)
+        self.warnings: list[str] = []  # profile warnings not yet shown (take_warnings)
 
     # -- model --
 
@@ -144,9 +156,32 @@ class ChatSession:
             raise
         self.close()
         self.model, self.ctx, self.model_path = model, ctx, Path(path)
-        if self.profile.model is None and not self.profile.entries:
-            self.profile = SteeringProfile.for_model(model.topology, name="untitled")
+        self.profile_notice = self._fit_profile()
         self._frozen = None
+
+    def _fit_profile(self) -> str:
+        """After loading a model: keep the working profile if it fits; a profile made for another model is dropped
+        (or, with allow_mismatch, kept when every entry fits). Returns what the user should be told, or ""."""
+        topo = self.topology
+        if not self.profile.entries:
+            if self.profile.model is None or self.profile.model != topo.fingerprint():
+                self.profile = SteeringProfile.for_model(topo, name=self.profile.name or "untitled")
+                self.profile_path = None
+            return ""
+        try:
+            self._validate(self.profile)
+        except ModelMismatchError:
+            name = self.profile.name or "untitled"
+            self.new_profile()
+            return (f"Profile {name!r} was made for another model and is no longer applied. To apply it anyway, "
+                    "switch on 'allow other model' in the Steer tab and load it again.")
+        except ProfileError as e:
+            name = self.profile.name or "untitled"
+            self.new_profile()
+            return f"Profile {name!r} does not fit {topo.name} and is no longer applied: {e}"
+        if self.profile.model is not None and self.profile._mismatches(topo):
+            return f"Profile {self.profile.name or 'untitled'!r} was made for another model; applied (allow other model is on)."
+        return ""
 
     @property
     def ready(self) -> bool:
@@ -184,15 +219,27 @@ class ChatSession:
         self._frozen = None
 
     def load_profiles(self, paths: Sequence[str | os.PathLike]) -> SteeringProfile:
-        """Load, combine and check profiles against the model; the working profile is unchanged on error."""
+        """Load, combine and check profiles against the model; the working profile is unchanged on error.
+        Warnings (a profile made for a same-shape model with other weights) are left in self.warnings."""
         profiles = [SteeringProfile.load(p) for p in paths]
         profile = SteeringProfile.combine(profiles)
         if self.topology is not None:
-            profile.validate(self.topology)
+            self._validate(profile)
         self.profile = profile
         self.profile_path = Path(paths[0]) if len(paths) == 1 else None
         self._frozen = None
         return profile
+
+    def _validate(self, profile: SteeringProfile) -> None:
+        """Check `profile` against the model; its warnings (ModelWeightsWarning) go to self.warnings, in words."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ModelWeightsWarning)
+            profile.validate(self.topology, allow_mismatch=self.allow_mismatch)
+        self.warnings += [str(w.message) for w in caught if issubclass(w.category, ModelWeightsWarning)]
+
+    def take_warnings(self) -> list[str]:
+        out, self.warnings = self.warnings, []
+        return out
 
     def save_profile(self, path: str | os.PathLike) -> Path:
         path = Path(path).expanduser()
@@ -247,6 +294,18 @@ class ChatSession:
             return None
         if self._frozen is None:
             self._frozen = copy.deepcopy(self.profile)
+            topo = self.topology
+            frozen = self._frozen
+            if topo is not None and frozen.model is not None and frozen.model != topo.fingerprint():
+                # made for another model (allowed by the user) or a same-shape one with other weights (the user
+                # was warned when it was loaded): its entries were checked against this model then, so the copy
+                # that steers carries this model's fingerprint (stream() validates without an allow_mismatch
+                # switch, and would warn again on every reply)
+                if frozen._mismatches(topo) and self.allow_mismatch:
+                    frozen.validate(topo, allow_mismatch=True)
+                    frozen.model = topo.fingerprint()
+                elif not frozen._mismatches(topo):
+                    frozen.model = topo.fingerprint()
             if self.ctx is not None:
                 self.ctx.clear_steering()  # forget tables uploaded for earlier versions of the profile
         return self._frozen
@@ -256,6 +315,61 @@ class ChatSession:
         return {"enabled": self.steering_active, "strength": self.strength,
                 "profile": self.profile.to_dict() if self.profile.entries else None,
                 "profile_path": str(self.profile_path) if self.profile_path else None}
+
+    def chat_settings(self) -> dict[str, Any]:
+        """What a conversation owns of the session (stored with it, restored on resume)."""
+        return {"model_path": str(self.model_path) if self.model_path else None,
+                "steering": {"enabled": self.steering_enabled, "strength": self.strength,
+                             "allow_mismatch": self.allow_mismatch,
+                             "profile": self.profile.to_dict(),
+                             "profile_path": str(self.profile_path) if self.profile_path else None}}
+
+    def restore_steering(self, saved: dict[str, Any]) -> list[str]:
+        """Restore steering saved by chat_settings (or a reply's steering_info); returns what could not be
+        restored, in words (the working profile is then an empty one: never one the chat did not use)."""
+        problems: list[str] = []
+        self.steering_enabled = bool(saved.get("enabled", True))
+        path = saved.get("profile_path")
+        if path is not None and not isinstance(path, str):
+            saved = {**saved, "profile_path": None}
+        self.allow_mismatch = bool(saved.get("allow_mismatch", False))
+        strength = saved.get("strength", 1.0)
+        ok = isinstance(strength, (int, float)) and not isinstance(strength, bool) and np.isfinite(strength)
+        self.strength = float(strength) if ok else 1.0
+        raw, path = saved.get("profile"), saved.get("profile_path")
+        profile: SteeringProfile | None = None
+        if isinstance(raw, dict) and not raw.get("entries"):  # an empty profile: nothing to restore but its name
+            self.new_profile(str(raw.get("name") or "untitled"))
+            return problems
+        if raw:
+            try:
+                profile = SteeringProfile.from_dict(raw, source=path or "the chat's profile")
+                if self.topology is not None:
+                    self._validate(profile)
+            except ProfileError as e:
+                problems.append(f"its steering profile could not be restored: {e}")
+                profile = None
+        elif raw is not None and not isinstance(raw, dict):
+            problems.append("its steering profile could not be read")
+        elif path:  # only a path (an older store): read the file again
+            try:
+                profile = SteeringProfile.load(path)
+                if self.topology is not None:
+                    self._validate(profile)
+            except ProfileError as e:
+                problems.append(f"its steering profile could not be restored: {e}")
+                profile = None
+        if profile is None:
+            self.new_profile()
+            if problems:
+                self.steering_enabled = False
+        else:
+            self.profile, self._frozen = profile, None
+            self.profile_path = Path(path) if path else None
+            if self.profile_path is not None and not self.profile_path.exists():
+                problems.append(f"its profile file {self.profile_path} no longer exists (the chat's copy is used)")
+                self.profile_path = None
+        return problems
 
     def steered_cells(self) -> dict[tuple[int, int], str]:
         """(layer, expert) -> action of the working profile (for marking the heatmap)."""
@@ -267,25 +381,29 @@ class ChatSession:
         msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
         return msgs + [{"role": m["role"], "content": m["content"]} for m in history]
 
-    def prompt_tokens(self, history: Sequence[dict], system_prompt: str | None, max_tokens: int
+    def prompt_tokens(self, history: Sequence[dict], system_prompt: str | None, max_tokens: int, n_seq: int = 1
                       ) -> tuple[list[int], int, int]:
         """Tokens of the chat prompt that fit the context with room for the reply: (tokens, dropped, max_tokens).
 
-        The oldest turns are left out when the conversation no longer fits; max_tokens shrinks to what is left.
+        n_seq sequences (compare mode: 2) share the context, each holding the prompt and its reply, so each gets
+        1/n_seq of it. The oldest turns are left out when the conversation no longer fits; max_tokens shrinks
+        to what is left.
         """
         assert self.model is not None, "load() first"
         history = list(history)
         dropped = 0
+        per_seq = self.n_ctx_actual // n_seq
         while True:
             text = self.model.chat_prompt(self.chat_messages(history, system_prompt))
             tokens = self.model.tokenize(text, add_bos=False)
-            if len(tokens) + max_tokens <= self.n_ctx_actual or len(history) <= 1:
+            if len(tokens) + max_tokens <= per_seq or len(history) <= 1:
                 break
             history.pop(0)
             dropped += 1
-        room = self.n_ctx_actual - len(tokens)
+        room = per_seq - len(tokens)
         if room < 1:
-            raise ValueError(f"the message is {len(tokens)} tokens, more than the context of {self.n_ctx_actual}; "
+            where = f"the context of {self.n_ctx_actual}" + (f" shared by {n_seq} replies (compare mode)" if n_seq > 1 else "")
+            raise ValueError(f"the message is {len(tokens)} tokens, more than {where}; "
                              "shorten it or restart with a larger context (-c)")
         return tokens, dropped, min(max_tokens, room)
 
@@ -304,8 +422,10 @@ class ChatSession:
         if self.model is None or self.ctx is None:
             raise RuntimeError("no model loaded")
         sampling = sampling or Sampling()
+        seed = sampling.seed if sampling.seed is not None else secrets.randbelow(2**31)
         with self._lock:
-            tokens, dropped, max_tokens = self.prompt_tokens(history, system_prompt, sampling.max_tokens)
+            tokens, dropped, max_tokens = self.prompt_tokens(history, system_prompt, sampling.max_tokens,
+                                                             2 if compare else 1)
             profile = self.active_profile()
             requests = [Request(tokens, profile, max_tokens, self.strength)]
             if compare:
@@ -315,13 +435,14 @@ class ChatSession:
             recorders = [RoutingRecorder(topo.n_layer, topo.n_expert, token_filter=_seq_filter(s, n_prompt), traces=True)
                          for s in range(len(requests))]
             reply = self.last = _Reply(n_prompt, recorders)
+            think_end: list[int | None] = [None] * len(requests)
             t0 = time.perf_counter()
             t_first: float | None = None
             n_first = 0
             with self.ctx.recording(RouteTee(*recorders)):
                 # a chat's earlier turns stay in the KV cache while the steering is unchanged
                 events = self.ctx.stream(requests, temperature=sampling.temperature, top_p=sampling.top_p,
-                                         seed=sampling.seed, reuse_prefix=True)
+                                         seed=seed, reuse_prefix=True)
                 try:
                     for ev in events:
                         now = time.perf_counter()
@@ -334,6 +455,10 @@ class ChatSession:
                             rate = n_gen / (now - t0) if n_gen and now > t0 else None
                         stopped = stop is not None and stop.is_set() and not ev.done
                         reply.tokens = [list(c.tokens) for c in ev.completions]
+                        for i, c in enumerate(ev.completions):  # one token per step: the one completing </think>
+                            if think_end[i] is None and THINK_CLOSE in c.text:
+                                think_end[i] = len(c.tokens)
+                        reply.think_end = list(think_end)
                         yield ReplyUpdate(
                             texts=[c.text for c in ev.completions], tokens=reply.tokens, n_prompt=n_prompt,
                             max_tokens=max_tokens, elapsed=now - t0, tokens_per_s=rate,
@@ -342,7 +467,8 @@ class ChatSession:
                             routed=[r.record.tokens.copy() for r in recorders],
                             done=ev.done or stopped, stopped=stopped,
                             finish=["stopped" if stopped else c.finish_reason for c in ev.completions],
-                            steered_from=[c.steered_from for c in ev.completions], dropped=dropped)
+                            steered_from=[c.steered_from for c in ev.completions], dropped=dropped, seed=seed,
+                            think_end=list(think_end))
                         if stopped:
                             break
                 finally:
@@ -356,5 +482,55 @@ class ChatSession:
         routes = self.last.routes(seq, self.last.n_prompt + index)
         return routes or None
 
+    def routing_summary(self, texts: Sequence[str] = ()) -> dict[str, Any] | None:
+        """The last reply's routing, for the store: per MoE layer × expert selection counts of its generated
+        tokens, thinking and answer apart, the token ids, and (when small) each token's experts per layer.
+
+        texts: the reply texts; a reply that thinks from its first token (its template opened <think>) but
+        never closed it counts as thinking throughout."""
+        if self.last is None or self.model is None:
+            return None
+        topo = self.model.topology
+        layers = list(topo.moe_layers)
+        reply = self.last
+        out: dict[str, Any] = {"version": 1, "moe_layers": layers, "n_expert": topo.n_expert, "seqs": []}
+        for seq, rec in enumerate(reply.recorders):
+            tokens = reply.tokens[seq] if seq < len(reply.tokens) else []
+            end = reply.think_end[seq] if seq < len(reply.think_end) else None
+            text = texts[seq] if seq < len(texts) else ""
+            if end is None and text.lstrip().startswith(THINK_OPEN):
+                end = len(tokens)  # still thinking when it stopped
+            n_think = 0 if end is None else end
+            sel = np.zeros((2, topo.n_layer, topo.n_expert), np.int64)
+            routed = np.zeros((2, topo.n_layer), np.int64)
+            routes: dict[int, list[list[int]]] = {}
+            traces = rec.traces[:len(rec.traces)]
+            keep_routes = len(tokens) * len(layers) <= MAX_STORED_ROUTES
+            for t in traces:
+                i = t.pos - reply.n_prompt
+                if not 0 <= i < len(tokens):
+                    continue
+                part = 0 if i < n_think else 1
+                sel[part, t.layer, t.experts] += 1
+                routed[part, t.layer] += 1
+                if keep_routes:
+                    routes.setdefault(i, []).append([int(t.layer), [int(e) for e in t.experts],
+                                                     [round(float(w), 2) for w in t.weights]])
+            entry: dict[str, Any] = {
+                "tokens": [int(x) for x in tokens], "think_end": end,
+                "think": {"sel": sel[0][layers].tolist(), "routed": routed[0][layers].tolist()},
+                "answer": {"sel": sel[1][layers].tolist(), "routed": routed[1][layers].tolist()},
+            }
+            if keep_routes:
+                entry["routes"] = [routes.get(i, []) for i in range(len(tokens))]
+            out["seqs"].append(entry)
+        return out
+
     def token_text(self, token: int) -> str:
-        return self.model.detokenize([token]) if self.model is not None else ""
+        """The text of one token; "" without a model, "�" for an id this model does not have (a stored reply
+        made on another model)."""
+        if self.model is None:
+            return ""
+        if not isinstance(token, int) or not 0 <= token < self.model.llama.n_vocab():
+            return "\ufffd"
+        return self.model.detokenize([token])

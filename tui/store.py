@@ -1,8 +1,14 @@
 """Conversations in SQLite, written as they happen: every message is committed when it is added, and a
 streaming reply is updated while it streams, so a crash or a kill loses at most the last fraction of a second.
 
-Each assistant message keeps what produced it: sampling settings, the steering profile (JSON, with strength,
-on/off and schedule), the unsteered reply in compare mode, speed and token counts.
+Each assistant message keeps what produced it: sampling settings (with the seed actually used), the steering
+profile (JSON, with strength, on/off and schedule), the unsteered reply in compare mode, speed and token counts,
+and its routing (per-layer expert counts, thinking and answer apart; per-token routes when small).
+
+Each conversation keeps its own settings (model path, steering, compare mode, sampling), restored on resume.
+
+Schema versions (PRAGMA user_version): 1 the first; 2 adds conversations.settings and messages.routing.
+Older databases are migrated in place when opened.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ CREATE TABLE IF NOT EXISTS conversations (
     created REAL NOT NULL,
     updated REAL NOT NULL,
     model TEXT NOT NULL DEFAULT '',
-    system_prompt TEXT NOT NULL DEFAULT ''
+    system_prompt TEXT NOT NULL DEFAULT '',
+    settings TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -31,11 +38,15 @@ CREATE TABLE IF NOT EXISTS messages (
     content TEXT NOT NULL,
     created REAL NOT NULL,
     status TEXT NOT NULL DEFAULT 'done',
-    meta TEXT NOT NULL DEFAULT '{}'
+    meta TEXT NOT NULL DEFAULT '{}',
+    routing TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS messages_by_conversation ON messages(conversation_id, id);
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+SCHEMA_VERSION = 2
+# columns added after version 1: (table, column, definition)
+_ADDED = [("conversations", "settings", "TEXT NOT NULL DEFAULT '{}'"), ("messages", "routing", "TEXT NOT NULL DEFAULT ''")]
 
 
 @dataclass
@@ -46,6 +57,7 @@ class Message:
     status: str = "done"  # "done" | "streaming" | "stopped" | "error"
     meta: dict[str, Any] = field(default_factory=dict)
     created: float = 0.0
+    routing: dict[str, Any] | None = None  # see ChatSession.routing_summary
 
 
 @dataclass
@@ -68,7 +80,20 @@ class ConversationStore:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA foreign_keys = ON")
         self._db.execute("PRAGMA journal_mode = WAL")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Create the tables, or bring an older database up to SCHEMA_VERSION (nothing is lost)."""
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "conversations" in tables and version < SCHEMA_VERSION:
+            for table, column, definition in _ADDED:
+                have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         self._db.executescript(SCHEMA)
+        if version < SCHEMA_VERSION:
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def recover(self) -> int:
         """Mark replies that were streaming when the app died as stopped (their text so far is kept)."""
@@ -108,6 +133,17 @@ class ConversationStore:
     def set_system_prompt(self, cid: int, system_prompt: str) -> None:
         self._x("UPDATE conversations SET system_prompt = ?, updated = ? WHERE id = ?", (system_prompt, time.time(), cid))
 
+    def settings(self, cid: int) -> dict[str, Any]:
+        """The conversation's own settings (model path, steering, compare, sampling); {} if none were saved."""
+        r = self._x("SELECT settings FROM conversations WHERE id = ?", (cid,)).fetchone()
+        try:
+            return json.loads(r["settings"] or "{}") if r is not None else {}
+        except json.JSONDecodeError:
+            return {}
+
+    def set_settings(self, cid: int, settings: dict[str, Any]) -> None:
+        self._x("UPDATE conversations SET settings = ? WHERE id = ?", (json.dumps(settings), cid))
+
     def delete(self, cid: int) -> None:
         self._x("DELETE FROM conversations WHERE id = ?", (cid,))
 
@@ -122,8 +158,11 @@ class ConversationStore:
         return int(cur.lastrowid)
 
     def update_message(self, mid: int, content: str, *, status: str | None = None,
-                       meta: dict[str, Any] | None = None) -> None:
+                       meta: dict[str, Any] | None = None, routing: dict[str, Any] | None = None) -> None:
         sets, args = ["content = ?"], [content]
+        if routing is not None:
+            sets.append("routing = ?")
+            args.append(json.dumps(routing))
         if status is not None:
             sets.append("status = ?")
             args.append(status)
@@ -134,8 +173,11 @@ class ConversationStore:
 
     def messages(self, cid: int) -> list[Message]:
         rows = self._x("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (cid,)).fetchall()
-        return [Message(r["id"], r["role"], r["content"], r["status"], json.loads(r["meta"] or "{}"), r["created"])
-                for r in rows]
+        return [Message(r["id"], r["role"], r["content"], r["status"], json.loads(r["meta"] or "{}"), r["created"],
+                        _routing(r["routing"])) for r in rows]
+
+    def delete_message(self, mid: int) -> None:
+        self._x("DELETE FROM messages WHERE id = ?", (mid,))
 
     def delete_from(self, cid: int, mid: int) -> None:
         """Delete message `mid` and every later message of the conversation (edit / regenerate)."""
@@ -171,7 +213,7 @@ class ConversationStore:
         return json.dumps({
             "format": "moe-gguf-conversation", "version": 1,
             "title": conv.title, "model": conv.model, "system_prompt": conv.system_prompt,
-            "created": conv.created, "updated": conv.updated,
+            "created": conv.created, "updated": conv.updated, "settings": self.settings(cid),
             "messages": [{"role": m.role, "content": m.content, "status": m.status, "created": m.created, **m.meta}
                          for m in self.messages(cid)],
         }, indent=2, ensure_ascii=False) + "\n"
@@ -196,11 +238,23 @@ class ConversationStore:
                 label += f" (steered: {steer['profile'].get('name') or 'profile'}, strength {steer.get('strength', 1.0):g})"
             if m.status == "stopped":
                 label += " [stopped]"
+            elif meta.get("finish") == "length":
+                label += " [cut at max tokens]"
             out += [f"## {label}", "", m.content, ""]
             if "compare" in meta:
                 out += ["### Unsteered (compare)", "", meta["compare"], ""]
             s = meta.get("sampling")
             if s:
                 out += [f"<sub>temperature {s['temperature']:g}, top-p {s['top_p']:g}, max tokens {s['max_tokens']}, "
-                        f"seed {s['seed']}</sub>", ""]
+                        f"seed {meta.get('seed', s.get('seed'))}</sub>", ""]
         return "\n".join(out).rstrip() + "\n"
+
+
+def _routing(raw: str | None) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) and data else None

@@ -45,14 +45,14 @@ class ConversationsScreen(ModalScreen[int | None]):
             table = DataTable(id="conversations", cursor_type="row", zebra_stripes=True)
             table.add_columns("title", "messages", "updated", "model")
             yield table
-            yield Static("enter resume · r rename · d delete · m export Markdown · j export JSON · esc close",
-                         classes="dialog-help")
+            yield Static("enter resume · r rename · d delete · m / j export .md / .json · esc close",
+                         classes="dialog-help", id="conversations-help")
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Resume", variant="primary", id="conv-open", compact=True)
                 yield Button("Rename", id="conv-rename", compact=True)
                 yield Button("Delete", variant="error", id="conv-delete", compact=True)
-                yield Button("Export .md", id="conv-md", compact=True)
-                yield Button("Export .json", id="conv-json", compact=True)
+                yield Button("Export .md", id="conv-md", compact=True, tooltip="export as Markdown (m)")
+                yield Button("Export .json", id="conv-json", compact=True, tooltip="export as JSON (j)")
                 yield Button("Close", id="conv-close", compact=True)
 
     def on_mount(self) -> None:

@@ -1,4 +1,4 @@
-"""System prompt and sampling settings (temperature, top-p, max tokens, seed)."""
+"""System prompt and sampling settings (temperature, top-p, max tokens, seed) of the current conversation."""
 
 from __future__ import annotations
 
@@ -13,15 +13,21 @@ from textual.widgets import Button, Input, Label, Static, TextArea
 class SettingsScreen(ModalScreen[tuple[str, Sampling] | None]):
     BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "save", "Save", priority=True)]
 
-    def __init__(self, system_prompt: str, sampling: Sampling) -> None:
+    def __init__(self, system_prompt: str, sampling: Sampling, *, n_ctx: int | None = None,
+                 conversation: str | None = None) -> None:
         super().__init__()
         self.system_prompt = system_prompt
         self.sampling = sampling
+        self.n_ctx = n_ctx
+        self.conversation = conversation
 
     def compose(self) -> ComposeResult:
         s = self.sampling
         with Vertical(classes="dialog", id="settings-dialog"):
-            yield Label("Settings", classes="dialog-title")
+            yield Label("Settings of this conversation", classes="dialog-title")
+            where = f"“{self.conversation}”" if self.conversation else "the new conversation"
+            yield Static(f"Saved with {where} and restored when you resume it, like its steering and compare mode; "
+                         "a new conversation starts with the current ones.", classes="dialog-help", id="settings-scope")
             yield Label("System prompt")
             yield TextArea(self.system_prompt, id="system-prompt", soft_wrap=True)
             with Grid(id="sampling-grid"):
@@ -32,7 +38,8 @@ class SettingsScreen(ModalScreen[tuple[str, Sampling] | None]):
                 yield Label("max tokens")
                 yield Input(str(s.max_tokens), id="max-tokens", type="integer")
                 yield Label("seed")
-                yield Input(str(s.seed), id="seed", type="integer")
+                yield Input("" if s.seed is None else str(s.seed), id="seed", type="integer",
+                            placeholder="random per reply")
             yield Static("", id="settings-error", classes="panel-error")
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Save (ctrl+s)", variant="primary", id="settings-save", compact=True)
@@ -49,11 +56,16 @@ class SettingsScreen(ModalScreen[tuple[str, Sampling] | None]):
 
     def action_save(self) -> None:
         try:
+            seed = self.query_one("#seed", Input).value.strip()
             sampling = Sampling(temperature=float(self.query_one("#temperature", Input).value),
                                 top_p=float(self.query_one("#top-p", Input).value),
                                 max_tokens=int(self.query_one("#max-tokens", Input).value),
-                                seed=int(self.query_one("#seed", Input).value))
+                                seed=int(seed) if seed else None)
             sampling.check()
+            if self.n_ctx is not None and sampling.max_tokens > self.n_ctx // 2:
+                raise ValueError(f"max tokens must be at most {self.n_ctx // 2}, half the context of {self.n_ctx}: "
+                                 "the rest holds the conversation (compare mode needs it twice); "
+                                 "restart with a larger context (-c) for longer replies")
         except ValueError as e:
             msg = str(e) if "must" in str(e) else f"not a number: {e}"
             error = self.query_one("#settings-error", Static)

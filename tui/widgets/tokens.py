@@ -19,7 +19,7 @@ class TokenInspector(Vertical):
     def compose(self) -> ComposeResult:
         yield Static("Generated tokens (select one):", classes="panel-label")
         table = DataTable(id="token-list", cursor_type="row", zebra_stripes=True)
-        table.add_columns("#", "token", "steered")
+        table.add_columns("#", "token", "steered", "part")
         yield table
         yield Static("", id="token-title", classes="panel-label")
         routes = DataTable(id="token-routes", cursor_type="row", show_cursor=False)
@@ -35,26 +35,38 @@ class TokenInspector(Vertical):
         return self.query_one("#token-routes", DataTable)
 
     def clear(self) -> None:
+        self.shown = None
+        self.think_end = None
         self.token_list.clear()
         self.routes_table.clear()
         self.query_one("#token-title", Static).update("")
 
-    def set_tokens(self, texts: list[str], steered_from: int | None) -> None:
-        """All generated tokens so far (rows are only appended while a reply streams)."""
+    def set_tokens(self, texts: list[str], steered_from: int | None, think_end: int | None = None) -> None:
+        """All generated tokens so far (rows are only appended while a reply streams). think_end: the number of
+        tokens up to and including </think> (a reasoning model's thinking), None if it has none (yet)."""
         table = self.token_list
-        if table.row_count > len(texts):
+        if table.row_count > len(texts) or think_end != self.think_end:
             table.clear()
+        self.think_end = think_end
         for i in range(table.row_count, len(texts)):
             steered = "yes" if steered_from is not None and i >= steered_from else ""
-            table.add_row(str(i), repr(texts[i])[1:-1][:24], steered, key=str(i))
+            part = "" if think_end is None else "think" if i < think_end else "answer"
+            table.add_row(str(i), repr(texts[i])[1:-1][:24], steered, part, key=str(i))
+
+    think_end: int | None = None
+    shown: int | None = None  # the token whose routes are shown
+    shown_complete = False
 
     def show_routes(self, index: int, text: str, routes: list[TokenTrace] | None,
-                    marks: dict[tuple[int, int], str]) -> None:
+                    marks: dict[tuple[int, int], str], pending: bool = False) -> None:
+        """pending: the reply is still being generated (a token's routing is recorded when it is fed back)."""
         title = self.query_one("#token-title", Static)
         table = self.routes_table
         table.clear()
+        self.shown = index
         if routes is None:
-            title.update(f"token {index} {text!r}: not decoded (the last token of a reply cut by max tokens)")
+            why = "routing not recorded yet" if pending else "not decoded (the last token of a reply cut by max tokens)"
+            title.update(f"token {index} {text!r}: {why}")
             return
         title.update(f"token {index} {text!r}: experts per layer")
         for t in routes:
