@@ -62,3 +62,19 @@ def llama_options(f):
     ]):
         f = opt(f)
     return f
+
+
+# -- shared options (the `cli` branch defines the same names; the lead dedupes on merge) ---------------------
+
+allow_mismatch_option = click.option(
+    "--allow-model-mismatch", "allow_model_mismatch", is_flag=True,
+    help="Use a profile made for another model if every entry fits this one.")
+json_out_option = click.option("--json", "json_out", type=click.Path(dir_okay=False, allow_dash=True), default=None,
+                               help="Write the result as JSON to FILE ('-': print it).")
+seed_option = click.option("-s", "--seed", "seed", type=int, default=0, show_default=True, help="Random seed.")
+raw_option = click.option("--raw", "raw", is_flag=True, help="Use prompts as raw text, without the chat template.")
+
+
+def max_tokens_option(default: int):
+    return click.option("-n", "--max-tokens", "max_tokens", type=int, default=default, show_default=True,
+                        help="Tokens to generate per reply.")
