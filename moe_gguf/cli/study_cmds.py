@@ -133,10 +133,14 @@ def _text_tokens(model, text: str | None) -> list[int] | None:
                    "nats/token; a set over it does not grow. 'inf' switches the brake off.")
 @click.option("--effect-fraction", default=0.9, show_default=True, type=float,
               help="The chosen set is the smallest greedy prefix reaching this share of the best effect.")
+@click.option("--min-gain", default=0.005, show_default=True, type=float,
+              help="An expert joins the set only if the set's effect rises by more than this.")
+@click.option("--patience", default=3, show_default=True, help="Stop growing after this many refused candidates in a row.")
 @seed_option
 @raw_option
 def rank(counts, target, away, method, top_n, n_boot, csv_out, json_out, heatmap, profile_out, model_path,
-         causal_path, candidates, causal_items, max_set, max_damage, effect_fraction, seed, raw, **load) -> None:
+         causal_path, candidates, causal_items, max_set, max_damage, effect_fraction, min_gain, patience, seed, raw,
+         **load) -> None:
     """Rank experts for a behaviour from probe counts (observational, optionally causal with a damage brake)."""
     import random
 
@@ -200,7 +204,8 @@ def rank(counts, target, away, method, top_n, n_boot, csv_out, json_out, heatmap
         cands = [(r.layer, r.expert) for r in ranking.top(candidates)]
         try:
             sel = R.causal_select(model, away_items, keep_items, cands, max_set=max_set, max_damage=max_damage,
-                                  effect_fraction=effect_fraction, progress=lambda m: click.echo(m, err=True))
+                                  effect_fraction=effect_fraction, min_gain=min_gain, patience=patience,
+                                  progress=lambda m: click.echo(m, err=True))
         except ValueError as e:
             fail(str(e))
         ag = R.agreement(ranking, sel, top_n)
