@@ -365,6 +365,14 @@ class Evaluator:
         return out, ppl_limit
 
 
+def _can_check(checker: Checker, item: EvalItem) -> bool:
+    """Can the checker judge this item at all (None means it cannot)?  Asked with an empty reply."""
+    try:
+        return checker(item, "") is not None
+    except Exception:  # a checker that cannot handle an empty reply still checks real ones
+        return True
+
+
 def _ctx_size(n_tokens: int) -> int:
     """A context size holding n_tokens, rounded up (llama.cpp pads the cache to multiples of 256)."""
     return max(512, -(-(n_tokens + 16) // 256) * 256)
@@ -400,7 +408,7 @@ def evaluate(model: MoEModel, profile: SteeringProfile, away_items: Sequence[Eva
              **results[f"random-{s}"].rates} for s, ctrl in controls.items()]
     random_rates = {k: (float(np.mean([r[k] for r in runs])) if runs else math.nan,
                         float(np.std([r[k] for r in runs])) if runs else math.nan) for k in CLASSES}
-    verified = cfg.checker is not None and any(cfg.checker(it, "") is not None for it in away_items)
+    verified = cfg.checker is not None and any(_can_check(cfg.checker, it) for it in away_items)
     pb = ps = None
     source = None
     if ppl_docs:
