@@ -28,6 +28,7 @@ from moe_gguf.errors import (
     DecodeError,
     ModelFileError,
     ModelMismatchError,
+    ModelWeightsWarning,
     MoEGGUFError,
     NotMoEError,
     PatchMissingError,
@@ -53,7 +54,7 @@ _LAZY = {
 __all__ = [
     "MoEModel", "SteerContext", "Request", "Completion", "StreamEvent", "Placement",
     "ModelTopology", "SteeringProfile", "Schedule", "RoutingRecorder", "RoutingRecord",
-    "MoEGGUFError", "ModelFileError", "NotMoEError", "ProfileError", "ModelMismatchError",
+    "MoEGGUFError", "ModelFileError", "NotMoEError", "ProfileError", "ModelMismatchError", "ModelWeightsWarning",
     "PatchMissingError", "DecodeError", "ContextClosedError", "__version__",
 ]
 

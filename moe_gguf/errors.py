@@ -35,6 +35,10 @@ class ModelMismatchError(ProfileError):
     """The profile was made for a different model (its `model` fingerprint differs)."""
 
 
+class ModelWeightsWarning(UserWarning):
+    """A profile is applied to a model of the same shape with other router weights (e.g. a fine-tune)."""
+
+
 class CountFileError(MoEGGUFError, ValueError):
     """A routing record or probe count file is missing, damaged, or not a moe-gguf file (the message names it)."""
 

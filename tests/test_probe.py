@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from moe_gguf.engine.model import MoEModel
+from moe_gguf.errors import CountFileError
 from moe_gguf.study.probe import ProbeInputError, ProbeResult, load_jsonl, parse_item, probe
 
 ITEMS = [parse_item({"prompt": f"request number {i} about topic {i % 3}", "label": "a" if i % 2 else "b",
@@ -72,8 +73,10 @@ def test_interrupted_probe_resumes_to_the_exact_counts(model, tmp_path):
     np.testing.assert_array_equal(resumed.item_maps, full.item_maps)
     for lab in full.labels:
         np.testing.assert_array_equal(resumed.records[lab].selections, full.records[lab].selections)
-    # other inputs: the old file is not reused
-    other = probe(model, ITEMS[:2], n_seq=3, out=out)
+    # other inputs: the old file is not reused; it is refused, or replaced when asked to
+    with pytest.raises(CountFileError, match="--overwrite"):
+        probe(model, ITEMS[:2], n_seq=3, out=out)
+    other = probe(model, ITEMS[:2], n_seq=3, out=out, overwrite=True)
     assert len(other.item_labels) == 2
 
 

@@ -21,7 +21,15 @@ from moe_gguf.engine.model import MoEModel
 from moe_gguf.errors import CountFileError, FileWriteError, ProfileError
 from moe_gguf.formats import prune as prune_mod
 from moe_gguf.formats.profile import SteeringProfile
-from moe_gguf.formats.prune import PruneError, load_counts, main_prune, plan_prune, prune_gguf
+from moe_gguf.formats.prune import (
+    PruneError,
+    load_counts,
+    main_prune,
+    plan_prune,
+    prune_gguf,
+    read_header,
+    router_norm_counts,
+)
 from moe_gguf.formats.records import RoutingRecord, RoutingRecorder
 from moe_gguf.formats.synth import SynthSpec, write_gguf
 from moe_gguf.formats.topology import ModelTopology
@@ -207,9 +215,15 @@ def test_uneven_profile_needs_counts_then_pads_least_used(synth_model, tmp_path)
     topo = ModelTopology.from_gguf(src)
     prof = SteeringProfile.for_model(topo).disable(0, 1).disable(0, 6).disable(1, 0)
     dst = tmp_path / "p.gguf"
-    with pytest.raises(PruneError, match=r"uneven pruning.*layer 1: 1.*--pad-with"):
-        prune_gguf(src, dst, profile=prof)
-    assert not dst.exists()
+    with pytest.raises(PruneError, match=r"uneven pruning.*layer 1: 1.*--counts"):
+        plan_prune(topo, profile=prof)
+    # without counts: padded with the expert of weakest router row, read from the model itself
+    norms = router_norm_counts(src, read_header(src), topo).weight_sum[1]
+    weakest = min((e for e in range(8) if e != 0), key=lambda e: (norms[e], e))
+    report = prune_gguf(src, tmp_path / "by-norm.gguf", profile=prof)
+    assert report.padded == {1: [weakest]} and "router-row norms" in report.summary()
+    diff = np.abs(prompt_logits(tmp_path / "by-norm.gguf") - prompt_logits(src, disabling(topo, report.removed))).max()
+    assert diff <= 1e-4
 
     rec = record_counts(src)
     rec.save(tmp_path / "counts.npz")
@@ -232,7 +246,8 @@ def test_keep_fraction_ranks_by_frequency_times_weight(synth_model, tmp_path, ca
     rec.save(counts)
     dst = tmp_path / "half.gguf"
     report = main_prune(src, dst, counts_path=counts, keep_fraction=0.5)
-    out = capsys.readouterr().out
+    assert capsys.readouterr().out == ""  # library code prints nothing
+    out = report.summary()
     assert "8 -> 4 experts" in out and "counts.npz, keep 0.5" in out and "REAP-like proxy" in out
     assert not report.padded  # ranked, not padded
     for il, kept in report.kept.items():
@@ -285,7 +300,7 @@ def test_deepseek2_groups_stay_even(synth_model, tmp_path):
     # two experts of group 0 of layer 1 only: uneven groups are refused, or padded from counts
     prof = SteeringProfile.for_model(topo).disable(1, 0).disable(1, 2)
     with pytest.raises(PruneError, match="every expert group"):
-        prune_gguf(src, tmp_path / "x.gguf", profile=prof)
+        plan_prune(topo, profile=prof)
     report = prune_gguf(src, tmp_path / "pad.gguf", profile=prof, counts=rec)
     assert report.n_expert_out == 8 and {0, 2} <= set(report.removed[1])
     assert sum(map(len, report.padded.values())) == 2 * 8 - 2

@@ -358,7 +358,7 @@ def test_full_disk_in_the_probe_cli_keeps_the_counts(model, tmp_path):
     res = probe(model, load_jsonl(data), n_seq=2, out=out)
     before = out.read_bytes()
     with disk_full_at(0), pytest.raises(FileWriteError, match="out.npz: cannot save .No space left on device"):
-        probe(model, load_jsonl(_dataset(tmp_path / "d2.jsonl", 6)), n_seq=2, out=out)
+        probe(model, load_jsonl(_dataset(tmp_path / "d2.jsonl", 6)), n_seq=2, out=out, overwrite=True)
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "d2.jsonl", "out.npz"]
     assert ProbeResult.load(out).item_labels == res.item_labels
 

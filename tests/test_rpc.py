@@ -52,7 +52,7 @@ def servers():
     try:
         for _ in range(2):
             port = _free_port()
-            p = subprocess.Popen([sys.executable, "-m", "moe_gguf.cli", "rpc-server", "--port", str(port), "-t", "1"],
+            p = subprocess.Popen([sys.executable, "-m", "moe_gguf", "rpc-server", "--port", str(port), "-t", "1"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                  env=dict(os.environ, PYTHONUNBUFFERED="1"))
             procs.append(p)
@@ -131,7 +131,7 @@ def test_rpc_server_reports_a_port_in_use():
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         port = s.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "moe_gguf.cli", "rpc-server", "--port", str(port)],
+        r = subprocess.run([sys.executable, "-m", "moe_gguf", "rpc-server", "--port", str(port)],
                            capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert "could not start" in r.stderr

@@ -62,7 +62,9 @@ def test_leading_and_interleaved_dense_layers(tmp_path):
                       keys={"deepseek2.leading_dense_block_count": 1, "deepseek2.expert_shared_count": 2})
     t = ModelTopology.from_gguf(path)
     assert t.moe_layers == (1, 2, 4) and t.n_layer == 5 and t.n_shared_expert == 2
-    assert t.fingerprint() == {"arch": "deepseek2", "n_layer": 5, "n_expert": 8, "n_expert_used": 2, "moe_layers": [1, 2, 4]}
+    assert t.fingerprint() == {"arch": "deepseek2", "n_layer": 5, "n_expert": 8, "n_expert_used": 2, "moe_layers": [1, 2, 4],
+                               "weights": t.weights, "name": t.name}
+    assert t.weights and len(t.weights) == 16
     text = t.describe()
     assert "1-2, 4" in text and "2 dense" in text and t.fingerprint_id() in text
 

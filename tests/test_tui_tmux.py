@@ -34,7 +34,7 @@ def test_chat_in_a_real_terminal(synth_model, tmp_path):
     data = tmp_path / "data"
     session = f"moe-gguf-test-{uuid.uuid4().hex[:8]}"
     env = {"MOE_GGUF_DATA_DIR": str(data), "MOE_GGUF_CONFIG_DIR": str(tmp_path / "config"), "TERM": "xterm-256color"}
-    command = " ".join([*(f"{k}={v}" for k, v in env.items()), sys.executable, "-m", "moe_gguf.cli", "chat", str(model),
+    command = " ".join([*(f"{k}={v}" for k, v in env.items()), sys.executable, "-m", "moe_gguf", "chat", str(model),
                         "-c", "512", "-t", "1", "--system", "'Be brief.'"])
     # COLUMNS / LINES (set by pytest or CI) would override the terminal's real size
     _tmux("new-session", "-d", "-s", session, "-x", "140", "-y", "40", f"env -u COLUMNS -u LINES {command}; sleep 30")

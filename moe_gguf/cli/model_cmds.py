@@ -2,30 +2,63 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import click
 
-from moe_gguf.cli.common import MODEL_OPTION, fail, llama_options, load_model
+from moe_gguf.cli.common import (
+    MODEL_OPTION,
+    GrammarCommand,
+    allow_mismatch_option,
+    fail,
+    json_out_option,
+    llama_options,
+    load_model,
+    max_tokens_option,
+    model_option,
+    positional_model,
+    raw_option,
+    resolve_model,
+    seed_option,
+    write_json,
+)
 from moe_gguf.cli.group import main
 from moe_gguf.errors import ModelFileError, ProfileError
 
 
+def load_profiles(paths, topology, allow_model_mismatch: bool):
+    """The --profile files combined and checked against the model; None without any."""
+    from moe_gguf.formats.profile import SteeringProfile
+
+    if not paths:
+        return None
+    try:
+        profile = SteeringProfile.combine([SteeringProfile.load(p) for p in paths])
+        profile.validate(topology, allow_mismatch=allow_model_mismatch)
+    except ProfileError as e:
+        fail(str(e))
+    if allow_model_mismatch:  # accepted, and it fits: steering re-validates it against this model
+        profile.model = topology.fingerprint()
+    return profile
+
+
 @main.command()
-@click.argument("model_path", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def info(model_path: str, as_json: bool) -> None:
+@positional_model
+@model_option(required=False)
+@json_out_option
+def info(model_arg, model_path, json_out) -> None:
     """Print a GGUF's MoE topology: layers, experts, gating, groups."""
     from moe_gguf.formats.topology import ModelTopology
 
     try:
-        topo = ModelTopology.from_gguf(model_path)
+        topo = ModelTopology.from_gguf(resolve_model(model_path, model_arg))
     except ModelFileError as e:
         fail(str(e))
-    if as_json:
-        click.echo(json.dumps({**topo.to_dict(), "fingerprint_id": topo.fingerprint_id()}, indent=2))
+    if json_out:
+        write_json(json_out, topo.to_dict())
+        if json_out != "-":
+            click.echo(topo.describe())
     else:
         click.echo(topo.describe())
 
@@ -75,52 +108,51 @@ def _version() -> str:
         return "dev"
 
 
-@main.command()
+@main.command(cls=GrammarCommand, old_spellings={"--chat": None})
 @MODEL_OPTION
 @llama_options
-@click.option("-p", "--prompt", required=True, help="Prompt text (raw; use --chat to apply the chat template).")
+@click.option("-p", "--prompt", required=True, help="Prompt text (a user message in the chat template unless --raw).")
 @click.option("--profile", "profiles", multiple=True, type=click.Path(dir_okay=False),
               help="Steering profile JSON (repeatable: entries are combined).")
 @click.option("--strength", default=1.0, show_default=True, help="Multiplies bias values, scales scale values in log space.")
-@click.option("--chat", is_flag=True, help="Wrap the prompt as a user message in the model's chat template.")
-@click.option("-n", "--max-tokens", default=64, show_default=True)
+@raw_option
+@max_tokens_option()
 @click.option("--temp", default=0.0, show_default=True, help="Temperature (0: greedy).")
 @click.option("--top-p", default=1.0, show_default=True)
-@click.option("-s", "--seed", default=0, show_default=True)
+@seed_option
 @click.option("--steer-from", type=click.Choice(["all", "generated"]), default=None,
               help="Steer prompt and output (all) or the output only (default: the profile's schedule).")
 @click.option("--steer-after-tokens", type=int, default=None, help="Start steering after N generated tokens.")
 @click.option("--steer-after-text", default=None, help="Start steering once this text has been generated.")
 @click.option("--compare", is_flag=True, help="Also generate unsteered, in the same batch, and print both.")
-@click.option("--allow-model-mismatch", is_flag=True, help="Apply a profile made for another model if its shapes fit.")
-def generate(model_path, prompt, profiles, strength, chat, max_tokens, temp, top_p, seed, steer_from,
-             steer_after_tokens, steer_after_text, compare, allow_model_mismatch, **load) -> None:
+@allow_mismatch_option
+@json_out_option
+def generate(model_path, prompt, profiles, strength, raw, max_tokens, temp, top_p, seed, steer_from,
+             steer_after_tokens, steer_after_text, compare, allow_model_mismatch, json_out, **load) -> None:
     """Generate text with (or without) a steering profile."""
-    from moe_gguf.engine.context import Request
-    from moe_gguf.formats.profile import Schedule, SteeringProfile
+    from moe_gguf.engine.textgen import generate_text
+    from moe_gguf.formats.profile import Schedule
 
-    model = load_model(model_path, **load)
-    try:
-        profile = SteeringProfile.combine([SteeringProfile.load(p) for p in profiles]) if profiles else None
-        if profile is not None:
-            profile.validate(model.topology, allow_mismatch=allow_model_mismatch)
-            if allow_model_mismatch:  # accepted, and it fits: the steering below validates it against this model
-                profile.model = model.topology.fingerprint()
-    except ProfileError as e:
-        fail(str(e))
-    sched = None
-    if profile is not None and (steer_from or steer_after_tokens is not None or steer_after_text):
-        base = profile.schedule
-        sched = Schedule(apply_to=steer_from or base.apply_to,
-                         after_tokens=base.after_tokens if steer_after_tokens is None else steer_after_tokens,
-                         after_text=steer_after_text or base.after_text)
-    text = model.chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
-    tokens = model.tokenize(text, add_bos=not chat)
-    reqs = [Request(tokens, profile, max_tokens, strength, sched)]
-    if compare:
-        reqs.append(Request(tokens, None, max_tokens))
-    with model.context(n_seq_max=len(reqs)) as ctx:
-        outs = ctx.generate_many(reqs, temperature=temp, top_p=top_p, seed=seed)
+    with load_model(model_path, **load) as model:
+        profile = load_profiles(profiles, model.topology, allow_model_mismatch)
+        sched = None
+        if profile is not None and (steer_from or steer_after_tokens is not None or steer_after_text):
+            base = profile.schedule
+            sched = Schedule(apply_to=steer_from or base.apply_to,
+                             after_tokens=base.after_tokens if steer_after_tokens is None else steer_after_tokens,
+                             after_text=steer_after_text or base.after_text)
+        outs = generate_text(model, prompt, profile=profile, raw=raw, max_tokens=max_tokens, temperature=temp,
+                             top_p=top_p, seed=seed, strength=strength, schedule=sched, compare=compare)
+    if not any(o.tokens for o in outs):
+        hint = ("chat models need their template: drop --raw" if raw else
+                "a base model without a chat template may need --raw")
+        click.echo(f"(empty reply: the model ended at once; {hint})", err=True)
+    if json_out:
+        names = ["steered", "unsteered"] if compare else ["text"]
+        write_json(json_out, {n: {"text": o.text, "tokens": len(o.tokens), "finish_reason": o.finish_reason}
+                              for n, o in zip(names, outs, strict=True)})
+        if json_out == "-":
+            return
     if compare:
         click.echo(click.style("steered:", bold=True))
         click.echo(outs[0].text)
@@ -128,17 +160,16 @@ def generate(model_path, prompt, profiles, strength, chat, max_tokens, temp, top
         click.echo(outs[1].text)
     else:
         click.echo(outs[0].text)
-    model.close()
 
 
 @main.command()
 @MODEL_OPTION
 @llama_options
 @click.option("--k", "ks", default="1,2,4,8", show_default=True, help="Experts per token to try, comma-separated.")
-@click.option("-f", "--text-file", type=click.Path(exists=True, dir_okay=False), required=True,
-              help="Text for perplexity.")
+@click.option("-f", "--text-file", type=click.Path(exists=True, dir_okay=False), required=True, metavar="FILE",
+              help="A UTF-8 text FILE to score (its perplexity; the first tokens also time generation).")
 @click.option("--max-text-tokens", default=2048, show_default=True, help="Score at most this many tokens of the text.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the table as JSON.")
+@json_out_option
 def sweep(model_path, ks, text_file, max_text_tokens, json_out, **load) -> None:
     """Perplexity and tokens/s for several numbers of experts per token (no reload between them)."""
     from moe_gguf.study.perplexity import rows_to_json
@@ -148,41 +179,51 @@ def sweep(model_path, ks, text_file, max_text_tokens, json_out, **load) -> None:
         k_list = [int(x) for x in ks.split(",") if x.strip()]
     except ValueError:
         fail(f"--k: expected comma-separated integers, got {ks!r}")
-    model = load_model(model_path, **load)
-    n = model.topology.n_expert
-    bad = [k for k in k_list if not 1 <= k <= n]
-    if bad:
-        fail(f"--k: {bad} out of range [1, {n}] (the model has {n} experts)")
-    tokens = model.tokenize(open(text_file, encoding="utf-8", errors="replace").read())[:max_text_tokens]
-    with model.context(n_ctx=min(model.llama.n_ctx(), 512)) as ctx:
-        rows = run_sweep(ctx, k_list, tokens)
-    click.echo(f"{'k':>4} {'perplexity':>12} {'pp tok/s':>10} {'tg tok/s':>10}")
-    for r in rows:
-        click.echo(f"{r.n_expert_used:>4} {r.perplexity:>12.3f} {r.pp_tokens_per_s:>10.1f} {r.tg_tokens_per_s:>10.1f}")
-    if json_out:
-        with open(json_out, "w") as f:
-            json.dump({"model": str(model_path), "default_k": model.topology.n_expert_used, "rows": rows_to_json(rows)}, f,
-                      indent=2)
-    model.close()
+    with load_model(model_path, **load) as model:
+        n = model.topology.n_expert
+        bad = [k for k in k_list if not 1 <= k <= n]
+        if bad:
+            fail(f"--k: {bad} out of range [1, {n}] (the model has {n} experts)")
+        with open(text_file, encoding="utf-8", errors="replace") as f:
+            tokens = model.tokenize(f.read())[:max_text_tokens]
+        with model.context(n_ctx=min(model.llama.n_ctx(), 512)) as ctx:
+            rows = run_sweep(ctx, k_list, tokens)
+        default_k = model.topology.n_expert_used
+    if json_out != "-":
+        click.echo(f"{'k':>4} {'perplexity':>12} {'pp tok/s':>10} {'tg tok/s':>10}")
+        for r in rows:
+            click.echo(f"{r.n_expert_used:>4} {r.perplexity:>12.3f} {r.pp_tokens_per_s:>10.1f} {r.tg_tokens_per_s:>10.1f}")
+    write_json(json_out, {"model": str(model_path), "default_k": default_k, "rows": rows_to_json(rows)})
 
 
 @main.command()
-@click.argument("model_path", required=False, type=click.Path(dir_okay=False))
+@positional_model
+@model_option(required=False)
 @llama_options
 @click.option("--profile", "profiles", multiple=True, type=click.Path(dir_okay=False), help="Steering profile(s) to load.")
 @click.option("--system", "system_prompt", default=None, help="System prompt.")
-def chat(model_path, profiles, system_prompt, n_gpu_layers, n_ctx, threads, expert_used, **placement) -> None:
+@allow_mismatch_option
+def chat(model_arg, model_path, profiles, system_prompt, allow_model_mismatch, n_gpu_layers, n_ctx, threads,
+         expert_used, **placement) -> None:
     """Chat in the terminal with live expert steering (default model: the shipped demo model)."""
+    import inspect
+
     from moe_gguf.tui.app import run_chat
 
-    run_chat(model_path=model_path, n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, threads=threads,
-             expert_used_count=expert_used, profiles=list(profiles), system_prompt=system_prompt, **placement)
+    extra = {}
+    if allow_model_mismatch:
+        if "allow_model_mismatch" not in inspect.signature(run_chat).parameters:
+            fail("--allow-model-mismatch: this chat UI cannot apply a mismatched profile yet")
+        extra["allow_model_mismatch"] = True
+    run_chat(model_path=resolve_model(model_path, model_arg, required=False), n_gpu_layers=n_gpu_layers, n_ctx=n_ctx,
+             threads=threads, expert_used_count=expert_used, profiles=list(profiles), system_prompt=system_prompt,
+             **placement, **extra)
 
 
-@main.command("rpc-server")
+@main.command("rpc-server", cls=GrammarCommand, old_spellings={"-p": "--port"})
 @click.option("-H", "--host", default="127.0.0.1", show_default=True,
               help="Address to bind (the protocol has no authentication: loopback or a private network only).")
-@click.option("-p", "--port", default=50052, show_default=True, type=int, help="TCP port.")
+@click.option("--port", default=50052, show_default=True, type=int, help="TCP port.")
 @click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores).")
 @click.option("-d", "--device", "devices", multiple=True, help="Device(s) to expose (default: all GPUs, else the CPU).")
 @click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),

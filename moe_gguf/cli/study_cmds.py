@@ -10,6 +10,7 @@ import click
 
 from moe_gguf.cli.common import (
     MODEL_OPTION,
+    GrammarCommand,
     allow_mismatch_option,
     fail,
     json_out_option,
@@ -18,24 +19,29 @@ from moe_gguf.cli.common import (
     max_tokens_option,
     raw_option,
     seed_option,
+    write_json,
 )
 from moe_gguf.cli.group import main
 from moe_gguf.errors import ProbeInputError, ProfileError
 
 
-@main.command()
+@main.command(cls=GrammarCommand, old_spellings={"--max-new-tokens": "--max-tokens"})
 @MODEL_OPTION
 @llama_options
 @click.option("-i", "--input", "input_path", required=True, type=click.Path(dir_okay=False),
               help="Study JSONL: prompt, label, [response], [answer], [target], [pair_id], [chat]; other fields are kept.")
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Count file (.npz); resumed if present.")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="Count file (.npz), saved after every batch; a file from the same inputs and options is resumed.")
+@click.option("--overwrite", is_flag=True, help="Replace an -o file that holds counts from other inputs or options (a file of the same run is "
+                   "still resumed).")
 @click.option("--tokens", "token_mode", type=click.Choice(["prompt", "response", "generated"]), default="prompt",
               show_default=True, help="Which tokens to count: the prompt, the given response, or the model's own output.")
-@click.option("--raw", is_flag=True, help="Use prompts as raw text instead of the chat template.")
+@raw_option
 @click.option("--batch", "n_seq", default=8, show_default=True, help="Sequences decoded together.")
-@click.option("--max-new-tokens", default=32, show_default=True, help="For --tokens generated.")
-def probe(model_path, input_path, out, token_mode, raw, n_seq, max_new_tokens, **load) -> None:
-    """Count which experts route the chosen tokens, per label (additive, resumable)."""
+@max_tokens_option()
+def probe(model_path, input_path, out, overwrite, token_mode, raw, n_seq, max_tokens, **load) -> None:
+    """Count which experts route the chosen tokens, per label (resumable; `merge` adds runs)."""
+    from moe_gguf.errors import CountFileError
     from moe_gguf.study.probe import ProbeInputError, load_jsonl
     from moe_gguf.study.probe import probe as run_probe
 
@@ -43,9 +49,9 @@ def probe(model_path, input_path, out, token_mode, raw, n_seq, max_new_tokens, *
         items = load_jsonl(input_path)
     except ProbeInputError as e:
         fail(str(e))
-    model = load_model(model_path, **load)
-    with click.progressbar(length=len(items), label=f"probing {len(items)} items ({token_mode} tokens)",
-                           file=sys.stderr) as bar:
+    with load_model(model_path, **load) as model, \
+            click.progressbar(length=len(items), label=f"probing {len(items)} items ({token_mode} tokens)",
+                              file=sys.stderr) as bar:
         done = [0]
 
         def progress(n: int, total: int) -> None:
@@ -54,47 +60,29 @@ def probe(model_path, input_path, out, token_mode, raw, n_seq, max_new_tokens, *
 
         try:
             res = run_probe(model, items, token_mode=token_mode, chat=not raw, n_seq=n_seq,
-                            max_new_tokens=max_new_tokens, out=out, progress=progress)
-        except (ProbeInputError, ValueError) as e:
+                            max_new_tokens=max_tokens, out=out, progress=progress, overwrite=overwrite)
+        except (CountFileError, ProbeInputError, ValueError) as e:
             fail(str(e))
     for lab in res.labels:
         rec = res.records[lab]
         click.echo(f"{lab}: {sum(1 for x in res.item_labels if x == lab)} items, {int(rec.tokens.max())} tokens per layer")
     click.echo(f"wrote {out}")
-    model.close()
 
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False))
 def merge(inputs, out) -> None:
-    """Add up probe count files (e.g. from several machines) into one."""
+    """Add up count files from several runs or machines: all probe results, or all routing records."""
+    from moe_gguf.study.merge import merge_files
     from moe_gguf.study.probe import ProbeResult
 
     try:
-        total = ProbeResult.load(inputs[0])
-        for p in inputs[1:]:
-            total = total + ProbeResult.load(p)
-        total.save(out)
-    except ValueError as e:  # FileWriteError (a full disk) is one too
+        total = merge_files(inputs, out)
+    except ValueError as e:  # CountFileError, FileWriteError (a full disk) are ValueErrors too
         fail(str(e))
-    click.echo(f"merged {len(inputs)} files, {len(total.item_labels)} items: {out}")
-
-
-def _emit_json(json_out: str | None, payload: dict) -> None:
-    """--json FILE writes the payload; '-' prints it."""
-    if not json_out:
-        return
-    text = json.dumps(payload, indent=2, default=str)
-    if json_out == "-":
-        click.echo(text)
-        return
-    from moe_gguf._io import atomic_write
-
-    try:
-        atomic_write(Path(json_out), text.encode())
-    except ValueError as e:
-        fail(str(e))
+    what = f"{len(total.item_labels)} items" if isinstance(total, ProbeResult) else f"{int(total.tokens.max())} tokens per layer"
+    click.echo(f"merged {len(inputs)} files, {what}: {out}")
 
 
 def _chat_tokens(model, prompt: str, chat: bool) -> list[int]:
@@ -222,7 +210,7 @@ def rank(counts, target, away, method, top_n, n_boot, csv_out, json_out, heatmap
                "stability": ranking.stability, "ranking": ranking.to_rows()}
     if sel:
         payload["causal"] = {**sel.to_json(), "agreement": R.agreement(ranking, sel, top_n)}
-    _emit_json(json_out, payload)
+    write_json(json_out, payload)
     if heatmap:
         heatmap_png(ranking.scores, heatmap, title=f"{method}: {away} vs {target}", layers=moe_layers,
                     marked=[(r.layer, r.expert) for r in ranking.top(top_n)])
@@ -376,7 +364,7 @@ def eval_cmd(model_path, profile_path, allow_model_mismatch, input_path, away, b
         fail(f"{e}; try a smaller --batch or a larger -c")
     click.echo(rep.table())
     js = rep.to_json()
-    _emit_json(json_out, js)
+    write_json(json_out, js)
     if replies_out:
         from moe_gguf._io import atomic_write
 
@@ -420,7 +408,7 @@ def demo(model_path, out_dir, json_out, seed, **load) -> None:
     click.echo("checks:")
     for name, ok in r.checks.items():
         click.echo(f"  [{'pass' if ok else 'FAIL'}] {name}")
-    _emit_json(json_out, r.summary)
+    write_json(json_out, r.summary)
     click.echo(f"details in {out_dir}/ (demo.json, profile.json, heatmap.png, eval.png, replies.jsonl)")
     if not all(r.checks.values()):
         raise SystemExit(1)

@@ -146,7 +146,7 @@ def run_demo(model_path: str | Path | None = None, *, out_dir: str | Path = "dem
 
     # 1. probe: prompt tokens
     items = [ProbeItem(e.prompt, e.label, pair_id=str(e.pair_id)) for e in split["probe"]]
-    res = probe(model, items, token_mode="prompt", n_seq=n_seq, out=out / "probe.npz")
+    res = probe(model, items, token_mode="prompt", n_seq=n_seq, out=out / "probe.npz", overwrite=True)  # the demo's own folder
     log(f"probed {len(items)} prompts ({time.time() - t0:.0f} s)")
 
     # 2. rank: observational, then causal with the damage brake, from the probe items alone (their

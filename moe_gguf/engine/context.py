@@ -60,6 +60,66 @@ class StreamEvent:
 _MIXED = object()  # steering key of a sequence whose tokens were not all steered alike: never reused
 
 
+@dataclass
+class _Seq:
+    """One sequence of a stream(): its request, schedule, what the cache holds and where it continues."""
+
+    s: int  # sequence id
+    req: Request
+    sched: Schedule
+    now: bool  # steered from the last prompt token on (the schedule starts at once)
+    whole: bool  # every prompt token steered (apply_to "all")
+    key: object  # the steering every token got, if the same for all of them; _MIXED otherwise
+    out: Completion = field(default_factory=Completion)
+    keep: int = 0  # leading tokens kept in the KV cache from the previous reuse_prefix stream
+    fed: list[int] = field(default_factory=list)  # tokens the cache holds for this sequence
+    pos: int = 0  # position of the next token
+
+    @classmethod
+    def start(cls, s: int, r: Request) -> _Seq:
+        sched = r.schedule or (r.profile.schedule if r.profile else Schedule())
+        # prompt: steered when the schedule covers it; "generated" steers from the last prompt token on,
+        # whose output predicts the first generated token
+        now = r.profile is not None and sched.after_tokens == 0 and not sched.after_text
+        whole = now and sched.apply_to == "all"
+        key = None if r.profile is None else (tuple(r.profile.entries), float(r.strength)) if whole else _MIXED
+        return cls(s, r, sched, now, whole, key, fed=list(r.tokens), pos=len(r.tokens))
+
+    def prefill_head(self) -> tuple[int, list[int], int]:
+        """The prompt tokens decoded before the last one (all of them when the whole prompt is steered)."""
+        toks = self.req.tokens if self.whole else self.req.tokens[:-1]
+        return self.s, list(toks[self.keep:]), self.keep
+
+    def needs_tail(self) -> bool:
+        return self.keep + len(self.prefill_head()[1]) < len(self.req.tokens)
+
+    def prefill_tail(self) -> tuple[int, list[int], int]:
+        return self.s, list(self.req.tokens[-1:]), len(self.req.tokens) - 1
+
+    def prefilled(self) -> None:
+        if self.now:
+            self.out.steered_from = 0
+
+    def step(self, tok: int, eog: set[int], detokenize) -> tuple[tuple[int, list[int], int] | None, bool]:
+        """Take the sampled token: (what to decode next or None when finished, whether steering starts now)."""
+        o, r = self.out, self.req
+        if tok in eog:
+            o.finish_reason = "stop"
+            return None, False
+        o.tokens.append(tok)
+        o.text = detokenize(o.tokens)
+        if any(x in o.text for x in r.stop) or len(o.tokens) >= r.max_tokens:
+            o.finish_reason = "stop" if any(x in o.text for x in r.stop) else "length"
+            return None, False
+        steer_now = r.profile is not None and o.steered_from is None and _schedule_due(self.sched, o)
+        if steer_now:
+            o.steered_from = len(o.tokens)
+            self.key = _MIXED
+        item = (self.s, [tok], self.pos)
+        self.pos += 1
+        return item, steer_now
+
+
 class SteerContext:
     """A llama_context with n_seq_max sequences, per-sequence profiles and routing capture."""
 
@@ -182,9 +242,19 @@ class SteerContext:
         every = logits in ("all", "route")
         flat = [(s, t, p0 + i, every or (logits == "last" and i == len(toks) - 1))
                 for s, toks, p0 in items for i, t in enumerate(toks)]
-        for s, _, _ in items:
+        mem = lo.llama_get_memory(ctx)
+        seen: set[int] = set()
+        for s, toks, p0 in items:
             if not 0 <= s < self.n_seq_max:
                 raise ValueError(f"sequence id {s} out of range [0, {self.n_seq_max})")
+            if s in seen or not toks:
+                continue
+            seen.add(s)
+            last = lo.llama_memory_seq_pos_max(mem, s)  # -1: empty, any first position will do
+            if last >= 0 and p0 != last + 1:
+                raise DecodeError(f"sequence {s} still holds positions up to {last} in the KV cache, so it continues at "
+                                  f"position {last + 1}, not {p0}; continue at {last + 1}, or remove the sequence "
+                                  f"first with ctx.clear_memory({s})")
         out: dict[int, list[np.ndarray]] = {}
         for start in range(0, len(flat), self.n_batch):
             chunk = flat[start:start + self.n_batch]
@@ -197,7 +267,7 @@ class SteerContext:
             b.n_tokens = len(chunk)
             rc = lo.llama_decode(ctx, b)
             if rc != 0:
-                raise DecodeError(f"llama_decode returned {rc} (context of {self.n_ctx} tokens full, or out of memory)")
+                raise DecodeError(_decode_error(rc, self.n_ctx))
             for i, (s, _, _, want) in enumerate(chunk):
                 if want and logits != "route":
                     ptr = lo.llama_get_logits_ith(self.ctx, i)
@@ -208,15 +278,27 @@ class SteerContext:
 
     def generate_many(self, requests: Sequence[Request], *, temperature: float = 0.0, top_p: float = 1.0,
                       seed: int = 0) -> list[Completion]:
-        """Generate for several sequences in the same batches, each with its own profile and schedule."""
+        """Generate for several sequences in the same batches, each with its own profile and schedule.
+
+        Leaves the context as it found it: the sequences used are removed from the KV cache and their steering
+        is reset, so ``decode([(0, toks, 0)])`` afterwards starts sequence 0 afresh, unsteered.
+        """
         outs: list[Completion] = []
-        for ev in self.stream(requests, temperature=temperature, top_p=top_p, seed=seed):
-            outs = ev.completions
+        try:
+            for ev in self.stream(requests, temperature=temperature, top_p=top_p, seed=seed):
+                outs = ev.completions
+        finally:
+            if not self.closed:
+                for s in range(len(requests)):
+                    self.clear_memory(s)
         return outs
 
     def stream(self, requests: Sequence[Request], *, temperature: float = 0.0, top_p: float = 1.0,
                seed: int = 0, reuse_prefix: bool = False) -> Iterator[StreamEvent]:
         """Like generate_many, yielding after every decode step; stop iterating to stop generating.
+
+        The sequences' tokens stay in the KV cache afterwards (``clear_memory(seq)`` removes them); their
+        steering does not: each sequence goes back to the context's default profile (``set_profile(p)``).
 
         reuse_prefix: keep the KV cache of the longest prefix request s shares with what the previous
         reuse_prefix stream left in sequence s (a chat's earlier turns), if that was decoded with the same
@@ -236,73 +318,55 @@ class SteerContext:
             raise ValueError(f"{len(requests)} request(s) of {total} prompt + new tokens in all exceed the context of "
                              f"{self.n_ctx} tokens; use a larger n_ctx, fewer max_tokens or fewer sequences at once")
         rng = np.random.default_rng(seed)
-        outs = [Completion() for _ in requests]
-        scheds = [r.schedule or (r.profile.schedule if r.profile else Schedule()) for r in requests]
-        # prompt: steered when the schedule covers it; "generated" steers from the last prompt token on,
-        # whose output predicts the first generated token
-        now = [r.profile is not None and sc.after_tokens == 0 and not sc.after_text for r, sc in zip(requests, scheds, strict=True)]
-        whole = [now[s] and scheds[s].apply_to == "all" for s in range(len(requests))]
-        # the steering every token of the sequence gets, if it is the same for all of them
-        keys: list[object] = [None if r.profile is None else (tuple(r.profile.entries), float(r.strength)) if whole[s]
-                              else _MIXED for s, r in enumerate(requests)]
+        seqs = [_Seq.start(s, r) for s, r in enumerate(requests)]
         if reuse_prefix:
-            keep = self._keep_prefix(requests, keys)
+            for q, n in zip(seqs, self._keep_prefix(requests, [q.key for q in seqs]), strict=True):
+                q.keep = n
         else:
             self.clear_memory()
-            keep = [0] * len(requests)
-        fed = [list(r.tokens) for r in requests]
+        outs = [q.out for q in seqs]
         consistent = False
         self._kv.clear()
         try:
-            for s, r in enumerate(requests):
-                self.set_profile(r.profile if whole[s] else None, seq_id=s, strength=r.strength)
-            head = [(s, (r.tokens if whole[s] else r.tokens[:-1])[keep[s]:], keep[s]) for s, r in enumerate(requests)]
-            logits = self._decode([h for h in head if h[1]])
-            tail = [(s, r.tokens[-1:], len(r.tokens) - 1) for s, r in enumerate(requests)
-                    if keep[s] + len(head[s][1]) < len(r.tokens)]
-            for s, _, _ in tail:
-                if now[s]:
-                    self.set_profile(requests[s].profile, seq_id=s, strength=requests[s].strength)
-            logits.update(self._decode(tail) if tail else {})
+            for q in seqs:
+                self.set_profile(q.req.profile if q.whole else None, seq_id=q.s, strength=q.req.strength)
+            logits = self._decode([h for h in (q.prefill_head() for q in seqs) if h[1]])
+            tails = [q for q in seqs if q.needs_tail()]
+            for q in tails:
+                if q.now:
+                    self.set_profile(q.req.profile, seq_id=q.s, strength=q.req.strength)
+            logits.update(self._decode([q.prefill_tail() for q in tails]) if tails else {})
             consistent = True
-            for s in range(len(requests)):
-                if now[s]:
-                    outs[s].steered_from = 0
-            pos = [len(r.tokens) for r in requests]
-            active = set(range(len(requests)))
+            for q in seqs:
+                q.prefilled()
+            active = list(seqs)
             while active:
                 step = []
                 new: dict[int, int] = {}
-                for s in sorted(active):
-                    r, o, sc = requests[s], outs[s], scheds[s]
-                    tok = sample(logits[s], temperature, top_p, rng)
-                    if tok in self._eog:
-                        o.finish_reason = "stop"
-                        active.discard(s)
+                for q in list(active):
+                    tok = sample(logits[q.s], temperature, top_p, rng)
+                    item, steer_now = q.step(tok, self._eog, self.model.detokenize)
+                    if tok not in self._eog:
+                        new[q.s] = tok
+                    if item is None:
+                        active.remove(q)
                         continue
-                    o.tokens.append(tok)
-                    o.text = self.model.detokenize(o.tokens)
-                    new[s] = tok
-                    if any(x in o.text for x in r.stop) or len(o.tokens) >= r.max_tokens:
-                        o.finish_reason = "stop" if any(x in o.text for x in r.stop) else "length"
-                        active.discard(s)
-                        continue
-                    if r.profile is not None and o.steered_from is None and _schedule_due(sc, o):
-                        self.set_profile(r.profile, seq_id=s, strength=r.strength)
-                        o.steered_from = len(o.tokens)
-                        keys[s] = _MIXED
-                    step.append((s, [tok], pos[s]))
-                    pos[s] += 1
+                    if steer_now:
+                        self.set_profile(q.req.profile, seq_id=q.s, strength=q.req.strength)
+                    step.append(item)
                 yield StreamEvent(new, outs, not active)
                 if step:
                     consistent = False
                     logits = self._decode(step)
                     for s, toks, _ in step:
-                        fed[s] += toks
+                        seqs[s].fed += toks
                     consistent = True
         finally:
             # remember what the cache holds, for the next reuse_prefix call (not after a failed decode)
-            self._kv = {s: (fed[s], keys[s]) for s in range(len(requests))} if consistent else {}
+            self._kv = {q.s: (q.fed, q.key) for q in seqs} if consistent else {}
+            if not self.closed:  # no per-sequence steering left behind for later decodes
+                for q in seqs:
+                    self._steering.reset_seq(q.s)
 
     def _keep_prefix(self, requests: Sequence[Request], keys: list[object]) -> list[int]:
         """Per request: how many leading tokens of its sequence's KV cache can stay; the rest is removed."""
@@ -355,6 +419,20 @@ class SteerContext:
             self.close()
         except Exception:
             pass
+
+
+def _decode_error(rc: int, n_ctx: int) -> str:
+    """llama_decode's return codes (llama.h), in words."""
+    if rc == 1:
+        return (f"llama_decode returned 1: no room in the KV cache (the context of {n_ctx} tokens is full); "
+                "use a larger n_ctx, or remove finished sequences with clear_memory(seq)")
+    if rc == 2:
+        return "llama_decode returned 2: aborted"
+    if rc == -1:
+        return "llama_decode returned -1: the batch was refused as invalid (llama.cpp's log names the reason)"
+    if rc == -2:
+        return "llama_decode returned -2: could not allocate the compute buffers (out of memory)"
+    return f"llama_decode returned {rc}: failed while computing the graph (llama.cpp's log names the reason)"
 
 
 def _schedule_due(sc: Schedule, o: Completion) -> bool:

@@ -117,12 +117,25 @@ class Steering:
             self._default, self._seq = pid, {}
         else:
             self._seq[seq_id] = pid
-        # drop uploaded profiles no sequence uses any more, so they do not pile up in the context
+        self._drop_unused()
+
+    def _drop_unused(self) -> None:
+        """Free uploaded profiles no sequence uses any more, so they do not pile up in the context."""
+        lib = _lib.lib()
         used = {self._default, *self._seq.values()}
         for old in [p for p in self._profiles if p not in used]:
             lib.llama_moe_steer_clear(self.ctx, old)
             del self._profiles[old]
             self._ids = {k: v for k, v in self._ids.items() if v != old}
+
+    def reset_seq(self, seq_id: int) -> None:
+        """Sequence ``seq_id`` goes back to the default profile (the one set for every sequence, or none)."""
+        if seq_id not in self._seq:
+            return
+        lib = _lib.lib()
+        _lib.check(lib.llama_moe_steer_seq(self.ctx, seq_id, self._default), f"sequence {seq_id}")
+        del self._seq[seq_id]
+        self._drop_unused()
 
     def clear(self) -> None:
         lib = _lib.lib()

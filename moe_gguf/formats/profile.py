@@ -14,6 +14,7 @@ import math
 import numbers
 import os
 import uuid
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -23,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 
 from moe_gguf._io import atomic_write
-from moe_gguf.errors import FileWriteError, ModelMismatchError, ProfileError
+from moe_gguf.errors import FileWriteError, ModelMismatchError, ModelWeightsWarning, ProfileError
 from moe_gguf.formats.topology import ModelTopology, format_layers
 
 FORMAT = "moe-gguf-profile"
@@ -39,7 +40,8 @@ _VALUED = ("bias", "scale")
 _COMBINABLE = {frozenset(("bias", "scale")), frozenset(("force", "scale")), frozenset(("force", "bias"))}
 _TOP_KEYS = ("format", "version", "name", "description", "model", "entries", "schedule", "meta")
 _ENTRY_KEYS = ("layer", "expert", "action", "value")
-_MODEL_KEYS = ("arch", "n_layer", "n_expert", "n_expert_used", "moe_layers")
+_SHAPE_KEYS = ("arch", "n_layer", "n_expert", "n_expert_used", "moe_layers")  # must match
+_MODEL_KEYS = (*_SHAPE_KEYS, "weights", "name")  # weights: router digest (a warning if it differs); name: shown
 _SCHEDULE_KEYS = ("apply_to", "after_tokens", "after_text")
 
 
@@ -284,12 +286,18 @@ class SteeringProfile:
                 f"for {topology.name}, or allow the mismatch (--allow-model-mismatch) to apply it if every entry fits.")
         note = f" (the profile was made for a different model: {'; '.join(diffs)})" if diffs else ""
         self._check_fits(topology, source, note)
+        theirs = self.model or {}
+        if not diffs and theirs.get("weights") and topology.weights and theirs["weights"] != topology.weights:
+            warnings.warn(ModelWeightsWarning(
+                f"{source}: made for {theirs.get('name') or 'another model'} (router weights {theirs['weights']}), "
+                f"applied to {topology.name} (router weights {topology.weights}): the same shape with other weights "
+                "(a fine-tune, or another model); its experts may play other roles there"), stacklevel=2)
 
     def _mismatches(self, topology: ModelTopology) -> list[str]:
         fp = topology.fingerprint()
         theirs = self.model or {}
         out = []
-        for key in _MODEL_KEYS:
+        for key in _SHAPE_KEYS:
             if key in theirs and theirs[key] != fp[key]:
                 a, b = theirs[key], fp[key]
                 if key == "moe_layers":
@@ -493,6 +501,9 @@ def _check_model(model: Any, source: str) -> None:
     for key in ("n_layer", "n_expert", "n_expert_used"):
         if key in model and (not _is_int(model[key]) or model[key] < 0):
             raise ProfileError(f"{source}: model '{key}' must be an integer >= 0, found {_show(model[key])}")
+    for key in ("weights", "name"):
+        if key in model and not isinstance(model[key], str):
+            raise ProfileError(f"{source}: model '{key}' must be a string, found {_show(model[key])}")
     layers = model.get("moe_layers", [])
     if not isinstance(layers, list) or not all(_is_int(x) and x >= 0 for x in layers):
         raise ProfileError(f"{source}: model 'moe_layers' must be a list of layer indices, found {_show(layers)}")

@@ -15,8 +15,9 @@ What is removed, per MoE layer, comes from one of:
 
 llama.cpp needs the same expert count in every MoE layer (and, with group-limited routing, in every
 expert group), so every layer (group) loses the same number of experts: a layer whose list is shorter
-is padded with its least-used experts from the counts; without counts, uneven lists are refused. The
-report names every padded expert.
+is padded with its least-used experts from the counts; without counts, with the experts whose router rows
+have the smallest L2 norm (a weight-only proxy read from the model itself: such experts get the smallest router
+logits on average; give counts for measured usage). The report names every padded expert and how it was chosen.
 
 The file is rewritten tensor by tensor without requantizing: per-expert tensors (``ffn_{gate,up,down}_exps``,
 fused ``ffn_gate_up_exps``, their ``.bias``/``.scale``/``.input_scale``, the router ``ffn_gate_inp`` weight
@@ -116,7 +117,7 @@ class PruneReport:
             asked = [e for e in self.removed[il] if e not in pad]
             line = f"  layer {il}: removed {_ids(asked) or '-'}"
             if pad:
-                line += f"; padded with least used {_ids(sorted(pad))}"
+                line += f"; padded with {'weakest router rows' if 'router-row norms' in self.source else 'least used'} {_ids(sorted(pad))}"
             lines.append(line)
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -161,8 +162,11 @@ def load_counts(path: str | os.PathLike) -> RoutingRecord:
 
 def plan_prune(topo: ModelTopology, *, remove: Mapping[int, Sequence[int]] | None = None,
                profile: SteeringProfile | None = None, counts: RoutingRecord | None = None,
-               keep_fraction: float | None = None, src: str = "", dst: str = "") -> PruneReport:
-    """Which experts each MoE layer keeps; PruneError if the model cannot be pruned that way. No file I/O."""
+               keep_fraction: float | None = None, src: str = "", dst: str = "",
+               allow_mismatch: bool = False) -> PruneReport:
+    """Which experts each MoE layer keeps; PruneError if the model cannot be pruned that way. No file I/O.
+
+    Uneven lists without counts raise UnevenPruneError (prune_gguf then pads by router-row norms)."""
     if not topo.is_moe:
         raise PruneError(f"{src or topo.name}: {topo.arch} model without routed experts (dense); there is nothing "
                          "to prune. Use a Mixture-of-Experts GGUF.")
@@ -188,7 +192,7 @@ def plan_prune(topo: ModelTopology, *, remove: Mapping[int, Sequence[int]] | Non
     asked: dict[int, set[int]] = {il: set() for il in layers}
     sources = []
     if profile is not None:
-        asked.update(_profile_removals(profile, topo, notes))
+        asked.update(_profile_removals(profile, topo, notes, allow_mismatch))
         sources.append(f"profile {profile.name!r}" if profile.name else "profile")
     elif remove is not None:
         for il, experts in remove.items():
@@ -232,9 +236,10 @@ def plan_prune(topo: ModelTopology, *, remove: Mapping[int, Sequence[int]] | Non
         where = "; ".join(f"layer {il}" + (f" group {g}" if groups > 1 else "") + f": {len(grouped[il][g])}"
                           for il, g in short[:8]) + ("; ..." if len(short) > 8 else "")
         unit = "expert group of every MoE layer" if groups > 1 else "MoE layer"
-        raise PruneError(f"uneven pruning: llama.cpp needs the same number of experts in every {unit}, but {r} would be "
+        raise UnevenPruneError(f"uneven pruning: llama.cpp needs the same number of experts in every {unit}, but {r} would be "
                          f"removed from some and fewer from others ({where}). Disable the same number in each, or pass "
-                         "routing counts (--pad-with COUNTS.npz) to remove the least-used experts to even them out.")
+                         "routing counts (--counts COUNTS.npz) to remove the least-used experts to even them out (prune_gguf / "
+                         "`moe-gguf prune` without counts pad with the experts of weakest router rows).")
     for il, g in short:
         need = r - len(grouped[il][g])
         if counts.tokens[il] <= 0:
@@ -272,14 +277,16 @@ def plan_prune(topo: ModelTopology, *, remove: Mapping[int, Sequence[int]] | Non
         notes.append("experts ranked per layer by selections x summed routing weight (a REAP-like proxy from "
                      "routing counts, not REAP's output-norm score); the lowest-ranked were removed")
     if padded:
-        notes.append(f"{sum(map(len, padded.values()))} least-used experts added in {len(padded)} layers so that every "
+        how = "weakest-router-row" if "router-row norms" in str(counts.meta.get("source")) else "least-used"
+        notes.append(f"{sum(map(len, padded.values()))} {how} experts added in {len(padded)} layers so that every "
                      f"layer keeps {n_keep} experts (see 'padded')")
     return PruneReport(src=src, dst=dst, arch=topo.arch, n_expert_in=n, n_expert_out=n_keep, kept=kept,
                        removed=removed, padded=padded, source=" + ".join(sources), notes=notes)
 
 
-def _profile_removals(profile: SteeringProfile, topo: ModelTopology, notes: list[str]) -> dict[int, set[int]]:
-    profile.validate(topo)  # ProfileError / ModelMismatchError name the problem
+def _profile_removals(profile: SteeringProfile, topo: ModelTopology, notes: list[str],
+                      allow_mismatch: bool = False) -> dict[int, set[int]]:
+    profile.validate(topo, allow_mismatch=allow_mismatch)  # ProfileError / ModelMismatchError name the problem
     label = f"profile {profile.name!r}" if profile.name else "the profile"
     forced = [e for e in profile.entries if e.action == "force"]
     if forced:
@@ -304,12 +311,45 @@ def _profile_removals(profile: SteeringProfile, topo: ModelTopology, notes: list
     return out
 
 
+class UnevenPruneError(PruneError):
+    """The lists remove different numbers of experts per layer and no counts were given to even them out."""
+
+
+def router_norm_counts(src: str | os.PathLike, head: GGUFHeader, topo: ModelTopology) -> RoutingRecord:
+    """Pseudo routing counts from the model's own router weights: per MoE layer, each expert's router-row L2 norm
+    (as weight_sum, one selection and token each), so padding removes the experts with the weakest router rows."""
+    rec = RoutingRecord(topo.n_layer, topo.n_expert, meta={"source": "router-row norms (no counts given)"})
+    routers = {t.name: t for t in head.tensors}
+    with open(src, "rb") as f:
+        for il in topo.moe_layers:
+            t = routers.get(f"blk.{il}.ffn_gate_inp.weight")
+            if t is None:
+                raise PruneError(f"{src}: layer {il} has no router tensor, so its weakest experts are unknown; pass "
+                                 "routing counts (--counts COUNTS.npz) to choose the experts that even out the layers")
+            f.seek(t.data_offset)
+            raw = np.frombuffer(f.read(t.n_bytes), dtype=np.uint8)
+            qt = gguf.GGMLQuantizationType(t.ggml_type)
+            if qt == gguf.GGMLQuantizationType.F32:
+                w = raw.view(np.float32)
+            elif qt == gguf.GGMLQuantizationType.F16:
+                w = raw.view(np.float16).astype(np.float32)
+            else:
+                w = gguf.quants.dequantize(raw, qt)
+            rows = np.asarray(w, dtype=np.float64).reshape(topo.n_expert, -1)
+            rec.selections[il] = 1
+            rec.weight_sum[il] = np.linalg.norm(rows, axis=1)
+            rec.tokens[il] = 1
+    return rec
+
+
 def _check_counts(counts: RoutingRecord, topo: ModelTopology) -> None:
     if (counts.n_layer, counts.n_expert) != (topo.n_layer, topo.n_expert):
         raise PruneError(f"the routing counts are for {counts.n_layer} layers x {counts.n_expert} experts, the model has "
                          f"{topo.n_layer} x {topo.n_expert}; record counts on this model")
     fp = counts.meta.get("model")
-    if isinstance(fp, dict) and fp and fp != topo.fingerprint():
+    mine = topo.fingerprint()
+    if isinstance(fp, dict) and any(k in fp and k in mine and fp[k] != mine[k] for k in ("arch", "n_layer", "n_expert", "n_expert_used",
+                                                                          "moe_layers", "weights")):
         raise PruneError(f"the routing counts were recorded on another model ({fp}); record counts on this model")
 
 
@@ -323,7 +363,7 @@ def _is_int(v: Any) -> bool:
 def prune_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, remove: Mapping[int, Sequence[int]] | None = None,
                profile: SteeringProfile | str | os.PathLike | None = None,
                counts: RoutingRecord | str | os.PathLike | None = None,
-               keep_fraction: float | None = None) -> PruneReport:
+               keep_fraction: float | None = None, allow_mismatch: bool = False) -> PruneReport:
     """Write ``dst``: ``src`` without the chosen experts. See the module docstring; returns the report.
 
     profile: its 'disable' entries are removed (force/bias/scale entries are refused). remove: explicit
@@ -342,10 +382,13 @@ def prune_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, remove: Mappin
         raise PruneError(f"{dst}: is the source model; write the pruned model to a new file")
     if dst.is_dir():
         raise PruneError(f"{dst}: is a directory; give the path of the .gguf file to write")
-    report = plan_prune(topo, remove=remove, profile=profile, counts=counts, keep_fraction=keep_fraction,
-                        src=str(src), dst=str(dst))
-
     head = read_header(src)
+    try:
+        report = plan_prune(topo, remove=remove, profile=profile, counts=counts, keep_fraction=keep_fraction,
+                            src=str(src), dst=str(dst), allow_mismatch=allow_mismatch)
+    except UnevenPruneError:
+        report = plan_prune(topo, remove=remove, profile=profile, counts=router_norm_counts(src, head, topo),
+                            keep_fraction=keep_fraction, src=str(src), dst=str(dst), allow_mismatch=allow_mismatch)
     n_split = head.value("split.count", 1)
     if n_split > 1:
         raise PruneError(f"{src}: a model split into {n_split} files; merge it into one first "
@@ -509,7 +552,5 @@ def _ids(ids: Sequence[int]) -> str:
 
 def main_prune(src: str | os.PathLike, dst: str | os.PathLike, profile_path: str | os.PathLike | None = None,
                counts_path: str | os.PathLike | None = None, keep_fraction: float | None = None) -> PruneReport:
-    """CLI body of `moe-gguf prune`: prune, print the report; errors are ValueErrors with the fix."""
-    report = prune_gguf(src, dst, profile=profile_path, counts=counts_path, keep_fraction=keep_fraction)
-    print(report.summary())
-    return report
+    """The pruning `moe-gguf prune` does (it prints ``report.summary()``); errors are ValueErrors with the fix."""
+    return prune_gguf(src, dst, profile=profile_path, counts=counts_path, keep_fraction=keep_fraction)

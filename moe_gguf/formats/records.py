@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,10 +82,14 @@ class RoutingRecord:
 
     def __add__(self, other: RoutingRecord) -> RoutingRecord:
         self._check_compatible(other)
+        meta = dict(self.meta)
+        runs = merge_run_ids(self.meta, other.meta, what="routing record")
+        if runs:
+            meta["run_ids"] = runs
         return RoutingRecord(
             self.n_layer, self.n_expert,
             self.selections + other.selections, self.weight_sum + other.weight_sum, self.tokens + other.tokens,
-            dict(self.meta),
+            meta,
         )
 
     def _check_compatible(self, other: RoutingRecord) -> None:
@@ -106,6 +111,7 @@ class RoutingRecord:
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_suffix(".npz")
+        self.meta.setdefault("run_ids", [new_run_id()])  # the identity merges check: one run is never added twice
         meta = {"format": FORMAT, "version": VERSION, "n_layer": self.n_layer, "n_expert": self.n_expert, **self.meta}
         blob = json.dumps(meta, indent=2).encode()
         atomic_write_all(make_dirs=True, files=[
@@ -149,6 +155,27 @@ class RoutingRecord:
         for k in ("format", "version", "n_layer", "n_expert"):
             meta.pop(k, None)
         return cls(sel.shape[0], sel.shape[1], sel, ws, tok, meta)
+
+
+def new_run_id() -> str:
+    """A fresh id for the counts of one run (a probe, a recording), stored in its file's metadata."""
+    return uuid.uuid4().hex[:16]
+
+
+def run_ids(meta: dict) -> list[str]:
+    """The runs whose counts a file holds (older files: none recorded)."""
+    ids = meta.get("run_ids")
+    return [x for x in ids if isinstance(x, str)] if isinstance(ids, list) else []
+
+
+def merge_run_ids(a: dict, b: dict, *, what: str) -> list[str]:
+    """The run ids of a + b; ValueError if a run is in both (its counts would be added twice)."""
+    ra, rb = run_ids(a), run_ids(b)
+    twice = sorted(set(ra) & set(rb))
+    if twice:
+        raise ValueError(f"the same {what} run ({', '.join(twice)}) is in both: merging would count it twice; "
+                         "merge each run's file once")
+    return ra + [x for x in rb if x not in ra]
 
 
 def check_counts(where: Path | str, sel: np.ndarray, ws: np.ndarray, tok: np.ndarray

@@ -478,7 +478,7 @@ def resolve_spec(preset_or_arch: str, *, n_layer: int | None = None, seed: int =
 
 
 def main_synth(preset_or_arch: str, out: str | Path, dtype: str = "f32", n_layer: int | None = None, seed: int = 0) -> Path:
-    """CLI body of `moe-gguf synth`: write a synthetic model and print a one-line summary.
+    """What `moe-gguf synth` does: write a synthetic model (the command prints ``synth_summary``).
 
     ``preset_or_arch`` is a PRESETS key or an arch name (its tiny preset); ``dtype`` one of
     DTYPES; ``n_layer`` overrides the preset's depth (e.g. 4 layers of a real-scale shape).
@@ -486,7 +486,10 @@ def main_synth(preset_or_arch: str, out: str | Path, dtype: str = "f32", n_layer
     spec = resolve_spec(preset_or_arch, n_layer=n_layer, seed=seed)
     name = f"synth-{preset_or_arch}"
     path = write_gguf(spec, out, dtype=dtype, name=name)
-    size = path.stat().st_size
-    print(f"wrote {path} ({name}, {spec.arch}, {spec.n_layer} layers, {spec.n_expert} experts "
-          f"top-{spec.n_expert_used}, {n_params(spec) / 1e6:.1f}M params, {dtype}, {size / 2**20:.1f} MiB)")
     return path
+
+
+def synth_summary(path: Path, spec: SynthSpec, dtype: str, name: str) -> str:
+    """The one line `moe-gguf synth` prints about a written model."""
+    return (f"wrote {path} ({name}, {spec.arch}, {spec.n_layer} layers, {spec.n_expert} experts "
+            f"top-{spec.n_expert_used}, {n_params(spec) / 1e6:.1f}M params, {dtype}, {path.stat().st_size / 2**20:.1f} MiB)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,23 +64,32 @@ class ModelTopology:
     n_expert_groups: int  # 0/1 = no group-limited routing
     n_group_used: int
     name: str  # general.name or file stem
+    # digest of the router weights (sampled bytes of each layer's ffn_gate_inp), telling same-shape models apart
+    weights: str | None = field(default=None, compare=False)
 
     @property
     def is_moe(self) -> bool:
         return self.n_expert > 0 and self.n_expert_used > 0 and bool(self.moe_layers)
 
     def fingerprint(self) -> dict[str, Any]:
-        """What a steering profile must match: the shape of the expert tables, not the weights."""
-        return {
+        """What a steering profile is checked against: the shape of the expert tables (must match), the router
+        weights' digest (a differing one is a warning: a fine-tune of the same model) and the model's name."""
+        fp: dict[str, Any] = {
             "arch": self.arch,
             "n_layer": self.n_layer,
             "n_expert": self.n_expert,
             "n_expert_used": self.n_expert_used,
             "moe_layers": list(self.moe_layers),
         }
+        if self.weights:
+            fp["weights"] = self.weights
+            fp["name"] = self.name
+        return fp
 
     def fingerprint_id(self) -> str:
-        blob = json.dumps(self.fingerprint(), sort_keys=True, separators=(",", ":"))
+        """A short id of the shape part of the fingerprint (the same for a model and its fine-tunes)."""
+        shape = {k: v for k, v in self.fingerprint().items() if k not in ("weights", "name")}
+        blob = json.dumps(shape, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def describe(self) -> str:
@@ -98,7 +107,7 @@ class ModelTopology:
             "  groups:      "
             + (f"{self.n_expert_groups} expert groups, {self.n_group_used} used per token" if self.n_expert_groups > 1 else "none"),
             f"  embedding:   {self.n_embd}",
-            f"  fingerprint: {self.fingerprint_id()}",
+            f"  fingerprint: {self.fingerprint_id()}" + (f", router weights {self.weights}" if self.weights else ""),
         ]
         return "\n".join(lines)
 
@@ -190,6 +199,7 @@ class ModelTopology:
             n_expert_groups=get_int(f"{arch}.expert_group_count", 0),
             n_group_used=get_int(f"{arch}.expert_group_used_count", 0),
             name=name if isinstance(name, str) and name else _stem(path),
+            weights=_router_digest(path, head, n_split) if moe_layers else None,
         )
 
 
@@ -351,3 +361,36 @@ def _split_tensor_names(path: Path, n_split: int) -> list[str]:
         if part.name != path.name:
             names += [t.name for t in _open(part).tensors]
     return names
+
+
+_ROUTER = re.compile(r"blk\.(\d+)\.ffn_gate_inp\.weight")
+_SAMPLE = 16 << 10  # bytes read at the start, middle and end of each router tensor
+
+
+def _router_digest(path: Path, head: GGUFHeader, n_split: int) -> str:
+    """sha256 (16 hex digits) of every router tensor's name, type, shape and sampled bytes: a fine-tune changes
+    them all, so a few KiB per layer tell two same-shape models apart; the read stays small for any model size."""
+    parts = [(path, head)]
+    m = _SPLIT_NAME.fullmatch(path.name) if n_split > 1 else None
+    if m:
+        for i in range(2, n_split + 1):
+            part = path.with_name(f"{m.group(1)}-{i:05d}-of-{n_split:05d}.gguf")
+            parts.append((part, _open(part)))
+    h = hashlib.sha256()
+    for file, hd in parts:
+        routers = sorted((t for t in hd.tensors if _ROUTER.fullmatch(t.name)),
+                         key=lambda t: int(_ROUTER.fullmatch(t.name).group(1)))
+        if not routers:
+            continue
+        try:
+            with open(file, "rb") as f:
+                for t in routers:
+                    h.update(f"{t.name}:{t.ggml_type}:{t.ne}:".encode())
+                    n = t.n_bytes
+                    offs = [0] if n <= 3 * _SAMPLE else [0, (n - _SAMPLE) // 2, n - _SAMPLE]
+                    for off in offs:
+                        f.seek(t.data_offset + off)
+                        h.update(f.read(min(n, _SAMPLE) if len(offs) > 1 else n))
+        except OSError as e:
+            raise ModelFileError(f"{file}: cannot read the router weights ({e.strerror or e}); check the file") from e
+    return h.hexdigest()[:16]

@@ -27,7 +27,7 @@ import numpy as np
 from moe_gguf._io import atomic_write
 from moe_gguf.engine.model import MoEModel
 from moe_gguf.errors import CountFileError, ProbeInputError
-from moe_gguf.formats.records import RouteTee, RoutingRecord, check_counts
+from moe_gguf.formats.records import RouteTee, RoutingRecord, check_counts, merge_run_ids, new_run_id
 from moe_gguf.study.items import MAX_LABEL, StudyItem, load_items, parse_item  # noqa: F401  (re-exported)
 
 FORMAT = "moe-gguf-probe"
@@ -71,7 +71,13 @@ class ProbeResult:
         a, b = self.meta.get("model"), other.meta.get("model")
         if a and b and a != b:
             raise ValueError(f"cannot merge probes of different models: {a} vs {b}")
+        runs = merge_run_ids(self.meta, other.meta, what="probe")
+        if not runs and self.meta.get("input_hash") and self.meta.get("input_hash") == other.meta.get("input_hash"):
+            raise ValueError("both hold the counts of the same probe inputs and options (input hash "
+                             f"{self.meta['input_hash']}): merging would count them twice; merge each run's file once")
         out = ProbeResult(self.n_layer, self.n_expert, self.token_mode, meta=dict(self.meta))
+        out.meta.pop("input_hash", None)  # a merge is no probe run: `probe -o` never resumes into it
+        out.meta["run_ids"] = runs
         for lab in set(self.records) | set(other.records):
             zero = RoutingRecord(self.n_layer, self.n_expert)
             out.records[lab] = self.records.get(lab, zero) + other.records.get(lab, zero)
@@ -198,12 +204,14 @@ def _tokens_for(model: MoEModel, it: ProbeItem, chat: bool) -> tuple[list[int], 
 
 def probe(model: MoEModel, items: Sequence[ProbeItem], *, token_mode: str = "prompt", chat: bool = True,
           n_seq: int = 8, max_new_tokens: int = 32, out: str | os.PathLike | None = None,
-          progress: Callable[[int, int], None] | None = None) -> ProbeResult:
+          progress: Callable[[int, int], None] | None = None, overwrite: bool = False) -> ProbeResult:
     """Route ``items`` through the model and count, per label, the experts chosen on the chosen tokens.
 
     With ``out``, the result is saved after every batch together with the position reached; a
     probe started again with the same inputs and options continues from there, so an interrupted
-    probe loses at most one batch of work and never counts an item twice.
+    probe loses at most one batch of work and never counts an item twice. An existing ``out`` from other
+    inputs, options or model (or a merge) raises CountFileError unless ``overwrite`` (then it is replaced; a file
+    of the same run is still resumed).
     """
     if token_mode not in TOKEN_MODES:
         raise ValueError(f"token_mode must be one of {TOKEN_MODES}, got {token_mode!r}")
@@ -216,12 +224,24 @@ def probe(model: MoEModel, items: Sequence[ProbeItem], *, token_mode: str = "pro
                        model=topo.fingerprint_id())
     res: ProbeResult | None = None
     if out is not None and Path(out).exists():
-        prev = ProbeResult.load(out)
-        if prev.meta.get("input_hash") == key:
-            res = prev
+        try:
+            prev = ProbeResult.load(out)
+        except CountFileError as e:
+            if not overwrite:
+                raise CountFileError(f"{e}; it would be overwritten: pass --overwrite (overwrite=True) to replace "
+                                     "it, or write to another file") from e
+            prev = None
+        if prev is not None and prev.meta.get("input_hash") == key:
+            res = prev  # the same run: resumed
+        elif prev is not None and not overwrite:
+            raise CountFileError(f"{out}: holds counts from other inputs, options or model "
+                                 f"({len(prev.item_labels)} items, {prev.token_mode} tokens); resuming needs the same "
+                                 "ones. Pass --overwrite (overwrite=True) to replace it, or write to another file and "
+                                 "`moe-gguf merge` the two")
     if res is None:
         res = ProbeResult(topo.n_layer, topo.n_expert, token_mode,
-                          meta={"model": topo.fingerprint(), "input_hash": key, "chat": chat, "n_items": 0},
+                          meta={"model": topo.fingerprint(), "input_hash": key, "chat": chat, "n_items": 0,
+                                "run_ids": [new_run_id()]},
                           item_maps=np.zeros((0, topo.n_layer, topo.n_expert), np.int32),
                           item_tokens=np.zeros((0, topo.n_layer), np.int32),
                           item_wsum=np.zeros((0, topo.n_layer, topo.n_expert), np.float32))
