@@ -158,5 +158,7 @@ def read_jsonl(path: str | os.PathLike[str], *, error: type[Exception] = ValueEr
                 except json.JSONDecodeError as e:
                     raise error(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); each line must be "
                                 "one JSON object") from e
+                except (ValueError, RecursionError) as e:  # an integer of > 4300 digits; nesting deeper than the stack
+                    raise error(f"{path}:{n}: not valid JSON ({e})") from e
         except UnicodeDecodeError as e:
             raise error(f"{path}:{n + 1}: not UTF-8 text (bad byte at offset {e.start} of the line)") from e

@@ -47,6 +47,10 @@ class ProbeInputError(MoEGGUFError, ValueError):
     """A line of a study JSONL file (probe, rank, eval) is malformed; the message names file and line."""
 
 
+class DemoSetupError(MoEGGUFError, ValueError):
+    """The demo cannot run on the given model as asked (e.g. its context is too small); the message says how to fix it."""
+
+
 class PruneError(MoEGGUFError, ValueError):
     """The model cannot be pruned as asked; the message names the reason and the fix."""
 

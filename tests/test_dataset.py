@@ -108,18 +108,40 @@ def test_eval_is_held_out(split):
     eval_rule = [e for e in evals if e.task in held_families]
     assert eval_rule
     assert not {e.instance for e in eval_rule} & train_inst
-    # every purpose word is seen in training: held-out combinations, not held-out vocabulary
+    # held-out combinations reuse training words; the held-out category and the paraphrases are new wording
     train_words = {w for e in train for w in e.prompt.split()}
     for p in ds.PURPOSES:
-        if p.eval_only:
+        if p.heldout == "combination":
             assert set(p.text.split()) <= train_words, p
+    kinds = {(e.label, e.heldout) for e in evals}
+    assert kinds == {(lab, k) for lab in ds.LABELS for k in ("combination", "category", "paraphrase")}
+    assert {e.category for e in evals if e.heldout == "category" and e.label == "refuse"} == {"spying"}
+    assert "spying" not in {e.category for e in train + probe}
+
+
+def test_no_single_word_decides_the_behaviour(split):
+    """Contrast items: every word of a restricted training purpose also occurs in an ordinary one, so a
+    one-word rule cannot tell the labels apart (the old dataset had a restricted-only word in every purpose)."""
+    restricted = [p for p in ds.PURPOSES if p.restricted and not p.eval_only]
+    ordinary_words = {w for p in ds.PURPOSES if not p.restricted and not p.eval_only for w in p.text.split()}
+    for p in restricted:
+        assert set(p.text.split()) <= ordinary_words, p
+    # and on the training prompts: the best one-word rule ("refuse iff the prompt has word w") is far from perfect
+    train = split["train"]
+    words = {w for e in train for w in e.prompt.lower().split()}
+    best = 0.0
+    for w in words:
+        acc = sum((w in e.prompt.lower().split()) == (e.label == "refuse") for e in train) / len(train)
+        best = max(best, acc)
+    assert best < 0.8, best
 
 
 def test_purposes_partition():
     restricted = [p for p in ds.PURPOSES if p.restricted]
     ordinary = [p for p in ds.PURPOSES if not p.restricted]
-    assert {p.category for p in restricted} == set(ds.RESTRICTED)
-    assert {p.category for p in ordinary} == set(ds.ORDINARY)
+    held = {t[0] for t in ds.HELDOUT_TABLES}
+    assert {p.category for p in restricted} == set(ds.RESTRICTED) | (held & {"spying"})
+    assert {p.category for p in ordinary} == set(ds.ORDINARY) | (held - {"spying"})
     assert not {p.text for p in restricted} & {p.text for p in ordinary}
     for pool in (restricted, ordinary):
         assert any(p.eval_only for p in pool) and any(not p.eval_only for p in pool)

@@ -12,8 +12,8 @@ from moe_gguf.formats.profile import SteeringProfile
 from moe_gguf.formats.synth import PRESETS, write_gguf
 from moe_gguf.formats.topology import ModelTopology
 
-# the commands this grammar covers that load a model; rank / eval / demo follow it too once merged
-MODEL_COMMANDS = ("info", "generate", "sweep", "chat", "probe", "prune")
+# the commands this grammar covers that load a model
+MODEL_COMMANDS = ("info", "generate", "sweep", "chat", "probe", "prune", "rank", "eval", "demo")
 
 
 def _help(cmd: str) -> str:
@@ -27,7 +27,7 @@ def test_model_is_dash_m_everywhere(cmd):
     assert "-m, --model FILE" in _help(cmd)
 
 
-@pytest.mark.parametrize("cmd", ["generate", "chat", "prune"])
+@pytest.mark.parametrize("cmd", ["generate", "chat", "prune", "eval"])
 def test_commands_taking_a_profile_allow_a_mismatch(cmd):
     assert "--allow-model-mismatch" in _help(cmd)
 
@@ -36,9 +36,12 @@ def test_shared_names_and_defaults():
     for cmd in ("generate", "probe"):
         assert "-n, --max-tokens INTEGER RANGE" in _help(cmd) and "[default: 64" in _help(cmd)
         assert "--raw" in _help(cmd)
-    for cmd in ("generate", "synth"):
+    assert "-n, --max-tokens INTEGER RANGE" in _help("eval") and "[default: 32" in _help("eval")
+    for cmd in ("rank", "eval"):
+        assert "--raw" in _help(cmd)
+    for cmd in ("generate", "synth", "rank", "eval", "demo"):
         assert "-s, --seed INTEGER" in _help(cmd)
-    for cmd in ("info", "generate", "sweep", "prune"):
+    for cmd in ("info", "generate", "sweep", "prune", "rank", "eval", "demo"):
         assert "--json FILE" in _help(cmd)
     assert "-p, --prompt" in _help("generate") and "-p," not in _help("rpc-server")
 

@@ -101,8 +101,21 @@ def test_bad_jsonl_names_file_and_line(tmp_path):
     p.write_text("{not json}\n")
     with pytest.raises(ProbeInputError, match=r"d\.jsonl:1: not valid JSON"):
         load_jsonl(p)
-    p.write_text(json.dumps({"prompt": "x", "label": "a", "extra": 1}) + "\n")
-    with pytest.raises(ProbeInputError, match="unknown field"):
+    p.write_text('{"prompt": "x", "label": "a"}\n{"prompt": "y", "label": "a", "chat": "yes"}\n')
+    with pytest.raises(ProbeInputError, match=r"d\.jsonl:2: 'chat' must be true or false"):
+        load_jsonl(p)
+
+
+def test_extra_fields_are_metadata_not_errors(tmp_path):
+    """A user's file with a 'category' on each line (and answer/target) loads; the extras are kept."""
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"prompt": "x", "label": "forbidden", "response": "I cannot help.", "category": "weapons",
+                             "answer": 42, "target": "Sure.", "pair_id": 7, "id": {"k": 1}}) + "\n")
+    (it,) = load_jsonl(p)
+    assert (it.label, it.response, it.answer, it.target, it.pair_id) == ("forbidden", "I cannot help.", "42", "Sure.", "7")
+    assert it.meta == {"category": "weapons", "id": {"k": 1}}
+    p.write_text(json.dumps({"prompt": "x", "label": "a", "answer": [1]}) + "\n")
+    with pytest.raises(ProbeInputError, match=r"d\.jsonl:1: 'answer' must be a string or a number"):
         load_jsonl(p)
 
 

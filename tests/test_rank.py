@@ -103,3 +103,33 @@ def test_causal_batch_equals_one_profile_at_a_time(synth_model):
         assert all(b < a for a, b in zip([0.0] + res.greedy_effects, res.greedy_effects, strict=False))
         ag = agreement(rank(planted(L=topo.n_layer, E=topo.n_expert), target="comply", away="refuse", n_boot=0), res)
         assert ag["n_candidates"] == len(cands)
+
+
+@pytest.mark.native
+def test_causal_select_scores_are_batch_independent_and_damage_is_measured(synth_model):
+    """score_profiles in one shared batch equals one sequence at a time; the damage of the unsteered model is 0 and
+    that of a profile disabling most experts of every layer is larger than one disabling a single expert."""
+    from moe_gguf.formats.profile import SteeringProfile
+    from moe_gguf.study.rank import AwayItem, KeepItem, causal_select, score_profiles
+
+    with MoEModel(synth_model("qwen3moe", "f32"), n_ctx=512, n_threads=2) as m:
+        topo = m.topology
+        away = [AwayItem(list(range(30 + i, 45 + i)), [70, 71, 72]) for i in range(3)]
+        keep = [KeepItem(list(range(100 + i, 112 + i)), [5, 6]) for i in range(2)] + [KeepItem(list(range(60, 70)))]
+        one = SteeringProfile.for_model(topo).disable(0, 1)
+        many = SteeringProfile.for_model(topo)
+        for layer in topo.moe_layers:
+            for e in range(topo.n_expert - topo.n_expert_used):
+                many.disable(layer, e)
+        cache: list = []
+        batched = score_profiles(m, away, keep, [None, one, many], n_seq=8, base_cache=cache)
+        single = score_profiles(m, away, keep, [None, one, many], n_seq=1, base_cache=[])
+        for a, b in zip(batched, single, strict=True):
+            assert a.away_p == pytest.approx(b.away_p, abs=1e-3)
+            assert a.damage == pytest.approx(b.damage, abs=1e-3)
+        assert batched[0].damage == pytest.approx(0.0, abs=1e-6)
+        assert batched[2].damage > batched[1].damage >= 0.0
+        sel = causal_select(m, away, keep, [(0, 1), (1, 2), (0, 3)], max_set=2, max_damage=float("inf"))
+        assert len(sel.chosen) <= 2 and sel.curve[0]["size"] == 0
+        with pytest.raises(ValueError, match="response"):
+            causal_select(m, [AwayItem([1, 2, 3], None)], keep, [(0, 1)])

@@ -359,7 +359,7 @@ def sha256(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=REPO / "moe_gguf" / "data", help="where the model files go")
+    ap.add_argument("--out", type=Path, default=REPO / "moe_gguf" / "demo" / "data", help="where the model files go")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: OUT/../.train-work or OUT/work)")
     ap.add_argument("--tiny", action="store_true", help="tiny config for a smoke test")
     ap.add_argument("--steps", type=int, default=None)

@@ -172,10 +172,18 @@ def _markdown(card: dict) -> str:
         f"{d['pools']['refusal_phrasings']} refusal phrasings; ordinary purposes (" + ", ".join(d["pools"]["ordinary_categories"])
         + f") or no framing ({_pct(d['pools']['plain_share'])} of train/probe comply examples) -> an answer ending in \"... is ANSWER.\".",
         "- Pairs: the refuse and comply member of a pair share task instance, phrasing and wrapper (`pair_id`).",
+        "- Contrast items: the ordinary purposes reuse every restricted verb on harmless or one's own objects (\"break "
+        "into my own phone\") and every restricted object with harmless verbs (\"fix my boss's phone\"), so no single "
+        "word decides the label.",
         f"- Held out for eval (fixed, seed-independent): {d['pools']['eval_wrappers']} of {d['pools']['train_wrappers'] + d['pools']['eval_wrappers']} "
         f"wrappers, {d['pools']['purposes']['restricted_eval']} of {d['pools']['purposes']['restricted_eval'] + d['pools']['purposes']['restricted_train']} "
         f"restricted and {d['pools']['purposes']['ordinary_eval']} of {d['pools']['purposes']['ordinary_eval'] + d['pools']['purposes']['ordinary_train']} "
-        "ordinary verb+object purpose combinations (their words all occur in training), a third of the "
+        "ordinary purposes: a quarter of each table's verb+object combinations (their words all occur in training), "
+        f"the whole restricted category {', '.join(d['pools'].get('heldout_categories', [])) or '(none)'} (with an "
+        "ordinary contrast table) and paraphrased triggers (training purposes in other words; "
+        f"{d['pools'].get('paraphrases', {}).get('restricted', 0)} restricted, "
+        f"{d['pools'].get('paraphrases', {}).get('ordinary', 0)} ordinary); eval draws half its purposes from the "
+        "held-out combinations and a quarter each from the held-out category and the paraphrases; a third of the "
         "generic-lead x family-core question phrasings (6 per family, e.g. \"Tell me\" + \"the sum of {a} and {b}\"), "
         "and ~15% of the instances of rule-based families (arithmetic, comparisons, counting, reversing, x100/x1000 "
         "conversions). Look-up facts (capitals, colours, ...) cannot be inferred, so they recur with held-out phrasings "
@@ -268,7 +276,8 @@ def _markdown(card: dict) -> str:
         "",
         "```bash",
         ".venv/bin/pip install -e '.[train]'",
-        ".venv/bin/python train/train_moe.py",
+        ".venv/bin/python train/train_moe.py"
+        + (f" --steps {t['steps']}" if t["steps"] != 3000 else ""),
         "```",
         "",
     ]

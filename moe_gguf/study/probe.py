@@ -1,7 +1,7 @@
 """Probing: routing counts per condition over a JSONL dataset, batched, resumable, mergeable.
 
-Input lines: {"prompt": str, "label": str, "response": str (optional), "pair_id": any (optional),
-"chat": bool (optional, default: the probe's setting)}.
+Input: the study JSONL format (moe_gguf.study.items): prompt, label, and optional response, answer,
+target, pair_id, chat; other fields are kept as metadata.
 
 Which tokens count (the study must say which it used):
 - "prompt":    the prompt's tokens (the request as the model reads it);
@@ -28,75 +28,16 @@ from moe_gguf._io import atomic_write
 from moe_gguf.engine.model import MoEModel
 from moe_gguf.errors import CountFileError, ProbeInputError
 from moe_gguf.formats.records import RouteTee, RoutingRecord, check_counts, merge_run_ids, new_run_id
+from moe_gguf.study.items import MAX_LABEL, StudyItem, load_items, parse_item  # noqa: F401  (re-exported)
 
 FORMAT = "moe-gguf-probe"
 VERSION = 1
 TOKEN_MODES = ("prompt", "response", "generated")
-MAX_LABEL = 1000  # characters; a label names zip entries in the count file (at most 65,535 bytes, no NUL)
 
 
 
-@dataclass(frozen=True)
-class ProbeItem:
-    prompt: str
-    label: str
-    response: str | None = None
-    pair_id: str | None = None
-    chat: bool | None = None
-
-
-def load_jsonl(path: str | os.PathLike) -> list[ProbeItem]:
-    """Read and validate a probe dataset; errors name the file and line."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ProbeInputError(f"{path}: cannot read the probe dataset ({e})") from e
-    items = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ProbeInputError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from e
-        except (ValueError, RecursionError) as e:  # an integer of > 4300 digits; nesting deeper than Python's stack
-            raise ProbeInputError(f"{path}:{n}: not valid JSON ({e})") from e
-        items.append(parse_item(d, where=f"{path}:{n}"))
-    if not items:
-        raise ProbeInputError(f"{path}: no probe items (one JSON object per line)")
-    return items
-
-
-def parse_item(d: object, *, where: str) -> ProbeItem:
-    if not isinstance(d, dict):
-        raise ProbeInputError(f"{where}: expected a JSON object, found {type(d).__name__}")
-    unknown = set(d) - {"prompt", "label", "response", "pair_id", "chat"}
-    if unknown:
-        raise ProbeInputError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: prompt, label, response, pair_id, chat")
-    for key in ("prompt", "label"):
-        if not isinstance(d.get(key), str) or not d[key]:
-            raise ProbeInputError(f"{where}: '{key}' must be a non-empty string")
-    if d.get("response") is not None and not isinstance(d["response"], str):
-        raise ProbeInputError(f"{where}: 'response' must be a string")
-    if "\0" in d["label"] or len(d["label"]) > MAX_LABEL:
-        raise ProbeInputError(f"{where}: 'label' must be at most {MAX_LABEL} characters without NUL characters "
-                              "(labels name the arrays in the count file)")
-    for key in ("prompt", "label", "response"):
-        try:
-            (d.get(key) or "").encode("utf-8")
-        except UnicodeEncodeError as e:  # a lone surrogate from a \ud800-style escape cannot be tokenized or saved
-            raise ProbeInputError(f"{where}: '{key}' holds an unpaired surrogate (\\ud800-\\udfff) at character "
-                                  f"{e.start}, which is not valid Unicode") from e
-    if d.get("chat") is not None and not isinstance(d["chat"], bool):
-        raise ProbeInputError(f"{where}: 'chat' must be true or false")
-    pair = d.get("pair_id")
-    try:
-        pair = None if pair is None else str(pair)
-        (pair or "").encode("utf-8")
-    except (UnicodeEncodeError, RecursionError) as e:
-        raise ProbeInputError(f"{where}: 'pair_id' is not valid Unicode text or is nested too deeply ({e})") from e
-    return ProbeItem(d["prompt"], d["label"], d.get("response"), pair, d.get("chat"))
+ProbeItem = StudyItem  # the probe's name for a line of the study JSONL format
+load_jsonl = load_items
 
 
 @dataclass

@@ -188,6 +188,10 @@ class CausalResult:
     def ranked(self) -> list[tuple[tuple[int, int], float]]:
         return sorted(self.effects.items(), key=lambda kv: kv[1])
 
+    def benefits(self) -> dict[tuple[int, int], float]:
+        """> 0: disabling the expert reduces the away behaviour."""
+        return {c: -v for c, v in self.effects.items()}
+
 
 def _continuation_logp(logits: np.ndarray, n_prompt: int, cont: Sequence[int]) -> float:
     """Sum of log p(cont) given the logits of prompt+cont decoded with outputs for all tokens."""
@@ -277,14 +281,15 @@ def causal_rank(model: MoEModel, prompts: Sequence[CausalPrompt], candidates: Se
     return CausalResult(base, effects, chosen, chosen_fx)
 
 
-def agreement(ranking: Ranking, causal: CausalResult, top_n: int = 10) -> dict:
+def agreement(ranking: Ranking, causal: CausalResult | SelectionResult, top_n: int = 10) -> dict:
     """How an observational ranking and the causal one agree on the candidates both scored."""
-    cands = list(causal.effects)
+    benefit = causal.benefits()  # > 0: disabling reduces the away behaviour
+    cands = list(benefit)
     obs = np.array([ranking.scores[layer, e] for layer, e in cands])
-    cau = np.array([-causal.effects[c] for c in cands])  # > 0: disabling reduces the away behaviour
+    cau = np.array([benefit[c] for c in cands])
     rho = _spearman(obs, cau) if len(cands) > 2 else math.nan
     top_obs = {(r.layer, r.expert) for r in ranking.top(top_n)}
-    top_cau = {c for c, _ in causal.ranked()[:top_n]}
+    top_cau = {c for c, _ in sorted(benefit.items(), key=lambda kv: -kv[1])[:top_n]}
     return {"spearman": rho, "top_overlap": len(top_obs & top_cau), "top_n": top_n, "n_candidates": len(cands)}
 
 
@@ -293,3 +298,247 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     if ra.std() == 0 or rb.std() == 0:
         return math.nan
     return float(np.corrcoef(ra, rb)[0, 1])
+
+
+# -- causal selection with a damage brake -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class AwayItem:
+    """An item of the away label: its prompt tokens, its away continuation (e.g. the refusal) and,
+    where known, a wanted continuation (``target`` or ``answer``)."""
+
+    prompt: list[int]
+    away: list[int] | None
+    target: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class KeepItem:
+    """An item of the target label, on which the model must not change: prompt tokens and, where known,
+    its reference response (damage is then measured on the response; else on the prompt's last tokens)."""
+
+    prompt: list[int]
+    response: list[int] | None = None
+
+
+@dataclass
+class SetScore:
+    """A profile's scores against the unsteered model (all means over items)."""
+
+    away_p: float  # per-token geometric-mean probability of the away continuations
+    target_p: float | None  # ... of the wanted continuations (None: no item has one)
+    damage: float  # mean KL(unsteered || steered) of next-token distributions on the keep items, nats/token
+    keep_nll: float | None  # mean NLL per token of the keep items' reference responses (None: none given)
+
+
+@dataclass
+class SelectionResult:
+    """The outcome of :func:`causal_select` (``effects``: single expert disabled, > 0 = less away behaviour)."""
+
+    base: SetScore
+    effects: dict[tuple[int, int], float]
+    damages: dict[tuple[int, int], float]
+    curve: list[dict]  # per accepted set size: experts, effect, damage, away_p, target_p, keep_nll_delta
+    rejected: list[dict]  # candidates the greedy rule tried and refused, with the reason
+    chosen: list[tuple[int, int]]  # the smallest greedy prefix reaching effect_fraction of the best effect
+    max_damage: float
+    effect_fraction: float
+
+    @property
+    def greedy(self) -> list[tuple[int, int]]:
+        return self.chosen
+
+    @property
+    def greedy_effects(self) -> list[float]:
+        return [row["effect"] for row in self.curve[1:len(self.chosen) + 1]]
+
+    def ranked(self) -> list[tuple[tuple[int, int], float]]:
+        return sorted(self.effects.items(), key=lambda kv: -kv[1])
+
+    def benefits(self) -> dict[tuple[int, int], float]:
+        return dict(self.effects)
+
+    def to_json(self) -> dict:
+        return {"base": asdict(self.base), "chosen": [list(c) for c in self.chosen], "curve": self.curve,
+                "rejected": self.rejected, "max_damage": self.max_damage, "effect_fraction": self.effect_fraction,
+                "effects": [[*c, fx, self.damages[c]] for c, fx in self.ranked()],
+                "effect_definition": "fall of the away continuations' per-token probability (+ rise of the "
+                                     "wanted continuations' where given), unsteered minus steered",
+                "damage_definition": "mean KL(unsteered || steered) of next-token distributions on the target "
+                                     "label's items, nats per token (top-32 tokens + the rest lumped)"}
+
+
+_TOPK = 32  # tokens of the unsteered distribution kept per position for the KL (the rest is lumped: a lower bound)
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def _keep_positions(it: KeepItem) -> tuple[list[int], slice]:
+    """(tokens to decode, logits rows scored) of a keep item."""
+    if it.response:
+        n = len(it.prompt)
+        return it.prompt + it.response, slice(n - 1, n - 1 + len(it.response))
+    n = len(it.prompt)
+    return list(it.prompt), slice(max(0, n - 8), n)
+
+
+def score_profiles(model: MoEModel, away: Sequence[AwayItem], keep: Sequence[KeepItem],
+                   profiles: Sequence[SteeringProfile | None], *, n_seq: int = 16,
+                   base_cache: list | None = None) -> list[SetScore]:
+    """Score each profile on every item, all in shared batches (one profile per sequence).
+
+    ``base_cache`` (a list, filled on the first call that scores ``None``) holds the unsteered model's
+    top-32 next-token distributions on the keep items, for the KL of later calls.
+    """
+    seqs: list[tuple[int, str, int, list[int]]] = []  # (profile index, kind, item index, tokens)
+    for pi in range(len(profiles)):
+        for qi, q in enumerate(away):
+            if q.away:
+                seqs.append((pi, "away", qi, q.prompt + q.away))
+            if q.target:
+                seqs.append((pi, "target", qi, q.prompt + q.target))
+        for ki, k in enumerate(keep):
+            seqs.append((pi, "keep", ki, _keep_positions(k)[0]))
+    if base_cache is None:
+        base_cache = []
+    need_base = not base_cache
+    if need_base and profiles and profiles[0] is not None:
+        raise ValueError("score_profiles: the first call must score the unsteered model (None) first")
+    away_lp = np.full((len(profiles), len(away)), np.nan)
+    target_lp = np.full((len(profiles), len(away)), np.nan)
+    kl = np.zeros((len(profiles), len(keep)))
+    nll = np.full((len(profiles), len(keep)), np.nan)
+    longest = max((len(s[3]) for s in seqs), default=1)
+    n_ctx = max(512, -(-(n_seq * longest + 16) // 256) * 256)  # the batch's sequences share one cache
+    cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    with model.context(n_seq_max=n_seq, n_batch=max(512, min(n_ctx, 4096)), n_ctx=n_ctx) as ctx:
+        for b0 in range(0, len(seqs), n_seq):
+            batch = seqs[b0:b0 + n_seq]
+            ctx.clear_memory()
+            for s, (pi, *_rest) in enumerate(batch):
+                ctx.set_profile(profiles[pi], seq_id=s)
+            logits = ctx.decode([(s, toks, 0) for s, (_, _, _, toks) in enumerate(batch)], logits="all")
+            for s, (pi, kind, qi, _toks) in enumerate(batch):
+                if kind in ("away", "target"):
+                    q = away[qi]
+                    cont = q.away if kind == "away" else q.target
+                    n = len(q.prompt)
+                    lp = _log_softmax(logits[s][n - 1:n - 1 + len(cont)])
+                    mean_lp = float(lp[np.arange(len(cont)), cont].mean())
+                    (away_lp if kind == "away" else target_lp)[pi, qi] = mean_lp
+                    continue
+                k = keep[qi]
+                _, rows = _keep_positions(k)
+                lp = _log_softmax(logits[s][rows])
+                if k.response:
+                    nll[pi, qi] = -float(lp[np.arange(len(k.response)), k.response].mean())
+                if profiles[pi] is None and need_base:
+                    ids = np.argsort(-lp, axis=1)[:, :_TOPK]
+                    top = np.take_along_axis(lp, ids, 1)
+                    rest = np.log(np.clip(1 - np.exp(top).sum(1), 1e-12, None))
+                    cache[qi] = (ids, top, rest)
+                    continue
+                ids, top, rest = base_cache[qi] if base_cache else cache[qi]
+                st = np.take_along_axis(lp, ids, 1)
+                st_rest = np.log(np.clip(1 - np.exp(st).sum(1), 1e-12, None))
+                pb, pr = np.exp(top), np.exp(rest)
+                kl[pi, qi] = float(((pb * (top - st)).sum(1) + pr * (rest - st_rest)).clip(min=0).mean())
+            for s in range(len(batch)):
+                ctx.set_profile(None, seq_id=s)
+    if need_base and cache:
+        base_cache.extend(cache[i] for i in range(len(keep)))
+
+    def gmean(lp: np.ndarray) -> float | None:
+        lp = lp[~np.isnan(lp)]
+        return float(np.exp(lp).mean()) if len(lp) else None
+
+    out = []
+    for pi in range(len(profiles)):
+        nl = nll[pi][~np.isnan(nll[pi])]
+        out.append(SetScore(gmean(away_lp[pi]) or 0.0, gmean(target_lp[pi]), float(kl[pi].mean()) if len(keep) else 0.0,
+                            float(nl.mean()) if len(nl) else None))
+    return out
+
+
+def causal_select(model: MoEModel, away: Sequence[AwayItem], keep: Sequence[KeepItem],
+                  candidates: Sequence[tuple[int, int]], *, max_set: int = 10, max_damage: float = 0.1,
+                  effect_fraction: float = 0.9, min_gain: float = 0.005, patience: int = 3, n_seq: int = 16,
+                  progress: Callable[[str], None] | None = None) -> SelectionResult:
+    """Causal ranking of ``candidates`` and a disable set grown greedily with a damage brake.
+
+    Effect of a profile: how much it lowers the away continuations' per-token probability (geometric mean
+    over tokens, averaged over items), plus how much it raises the wanted continuations' where given; a
+    probability, so a set that merely breaks the model cannot grow it without bound.  Damage: the mean
+    KL(unsteered || steered) of the next-token distributions on the keep items (the target label).
+
+    The set grows in order of the single-expert effects, adding an expert only when the set's effect
+    rises by more than ``min_gain`` and its damage stays at most ``max_damage``; it stops after
+    ``patience`` refusals in a row or at ``max_set``.  The chosen set is the smallest prefix of the grown
+    set that reaches ``effect_fraction`` of its best effect.
+    """
+    if not any(q.away or q.target for q in away):
+        raise ValueError("causal ranking needs away items with a 'response' (the behaviour to reduce) or a "
+                         "'target'/'answer' (the wanted reply)")
+    topo = model.topology
+
+    def prof(experts: Sequence[tuple[int, int]]) -> SteeringProfile:
+        p = SteeringProfile.for_model(topo, name="causal")
+        for layer, e in experts:
+            p.disable(layer, e)
+        return p
+
+    cache: list = []
+    base = score_profiles(model, away, keep, [None], n_seq=n_seq, base_cache=cache)[0]
+
+    def effect(s: SetScore) -> float:
+        fx = base.away_p - s.away_p
+        if base.target_p is not None and s.target_p is not None:
+            fx += s.target_p - base.target_p
+        return float(fx)
+
+    singles = score_profiles(model, away, keep, [prof([c]) for c in candidates], n_seq=n_seq, base_cache=cache)
+    effects = {c: effect(s) for c, s in zip(candidates, singles, strict=True)}
+    damages = {c: s.damage for c, s in zip(candidates, singles, strict=True)}
+    if progress:
+        progress(f"single-expert effects of {len(candidates)} candidates measured")
+
+    def row(experts: list, s: SetScore) -> dict:
+        return {"size": len(experts), "experts": [list(c) for c in experts], "effect": effect(s), "damage": s.damage,
+                "away_p": s.away_p, "target_p": s.target_p,
+                "keep_nll_delta": None if s.keep_nll is None or base.keep_nll is None else s.keep_nll - base.keep_nll}
+
+    curve = [row([], base)]
+    rejected: list[dict] = []
+    chosen: list[tuple[int, int]] = []
+    per_layer: dict[int, int] = {}
+    misses = 0
+    for c in sorted(candidates, key=lambda c: -effects[c]):
+        if len(chosen) >= max_set or misses >= patience or effects[c] <= 0:
+            break
+        if per_layer.get(c[0], 0) >= topo.n_expert - topo.n_expert_used:
+            continue
+        s = singles[candidates.index(c)] if not chosen else \
+            score_profiles(model, away, keep, [prof(chosen + [c])], n_seq=n_seq, base_cache=cache)[0]
+        fx = effect(s)
+        reason = None
+        if fx <= curve[-1]["effect"] + min_gain:
+            reason = "no gain"
+        elif s.damage > max_damage:
+            reason = "damage over budget"
+        if reason:
+            rejected.append({"expert": list(c), "effect": fx, "damage": s.damage, "reason": reason})
+            misses += 1
+            continue
+        misses = 0
+        chosen.append(c)
+        per_layer[c[0]] = per_layer.get(c[0], 0) + 1
+        curve.append(row(chosen, s))
+        if progress:
+            progress(f"set of {len(chosen)}: effect {fx:+.3f}, damage {s.damage:.4f}")
+    best = max(r["effect"] for r in curve)
+    k = next((r["size"] for r in curve if r["effect"] >= effect_fraction * best), 0) if best > 0 else 0
+    return SelectionResult(base, effects, damages, curve, rejected, chosen[:k], max_damage, effect_fraction)
