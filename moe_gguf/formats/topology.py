@@ -205,6 +205,11 @@ class ModelTopology:
 
 # llama.cpp's src/llama-hparams.h
 LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS = 512, 1024
+# MLA arches whose graph stores one K-cache head of [kv_lora_rank latent | rope part] when MLA is on
+# (src/models/*.cpp: ggml_reshape_3d(kv_cmpr, kv_lora_rank, 1, n_tokens), then ggml_concat(kv_cmpr, k_pe)).
+# The hybrid MLA arches (kimi-linear, kimi-k3, glm5-next, bailingmoe3) size their caches otherwise and are not checked.
+_MLA_CACHE = frozenset(("deepseek2", "deepseek2-ocr", "mistral4", "deepseek32", "glm-dsa", "dots3note", "hy_v4"))
+_MLA_REQUIRED = frozenset(("hy_v4",))  # its loader GGML_ASSERTs is_mla() (an abort, not an error)
 # arches whose graph asserts head size == rotary dimension == key head size (src/models/*.cpp), or sizes the
 # attention tensors by the rotary dimension (gpt-oss); llama.cpp's GGML_ASSERT aborts the whole process, so a
 # corrupted file is refused here first
@@ -223,8 +228,9 @@ def _check_llama_limits(path: Path, arch: str, get: Any, get_int: Any) -> None:
     """
 
     def bad(what: str) -> ModelFileError:
-        return ModelFileError(f"{path}: {what}; the file is corrupted or was not written by a llama.cpp converter. "
-                              "Re-download or re-convert the model.")
+        return ModelFileError(f"{path}: {what}. llama.cpp cannot run such a file (it would stop the process on it): "
+                              "the file is corrupted or its converter wrote wrong metadata. Re-download or re-convert "
+                              "the model.")
 
     def ints(key: str) -> list[int]:  # a number or a per-layer array, as llama.cpp's get_key_or_arr reads them
         v = get(key, 0)
@@ -257,17 +263,8 @@ def _check_llama_limits(path: Path, arch: str, get: Any, get_int: Any) -> None:
         eps = get(key, 0.0)
         if not isinstance(eps, (int, float)) or not eps >= 0 or eps == float("inf"):
             raise bad(f"{key} is {eps!r}, it must be a finite number >= 0")
-    if get(f"{arch}.attention.key_length_mla") is not None and get(f"{arch}.attention.kv_lora_rank") is not None:
-        # MLA (deepseek2 and kin): the cache holds the compressed KV plus the rotary part, sized by these keys
-        rank, n_rot = get_int(f"{arch}.attention.kv_lora_rank"), get_int(f"{arch}.rope.dimension_count", 0)
-        head_k, head_v = get_int(f"{arch}.attention.key_length", 0), get_int(f"{arch}.attention.value_length", 0)
-        if head_k != rank + n_rot or head_v != rank:
-            raise bad(f"MLA attention needs key length == kv_lora_rank + rope dimension count and value length == "
-                      f"kv_lora_rank, found {head_k}, {head_v}, kv_lora_rank {rank}, rope dimension count {n_rot}")
-        kv_heads = set(ints(f"{arch}.attention.head_count_kv")) if get(f"{arch}.attention.head_count_kv") is not None \
-            else set(ints(f"{arch}.attention.head_count"))
-        if kv_heads != {1}:  # the compressed KV is one head shared by all query heads
-            raise bad(f"MLA attention needs {arch}.attention.head_count_kv == 1, found {sorted(kv_heads)}")
+    if arch in _MLA_CACHE:
+        _check_mla(arch, get, get_int, ints, bad)
     if arch in _ROT_IS_HEAD:
         n_embd, n_head = get_int(f"{arch}.embedding_length", 0), ints(f"{arch}.attention.head_count")[0]
         if n_head > 0:
@@ -277,6 +274,37 @@ def _check_llama_limits(path: Path, arch: str, get: Any, get_int: Any) -> None:
             if not head_k == head_v == n_rot:
                 raise bad(f"{arch} needs key length == value length == rope dimension count, found {head_k}, "
                           f"{head_v} and {n_rot}")
+
+
+def _check_mla(arch: str, get: Any, get_int: Any, ints: Any, bad: Any) -> None:
+    """The MLA geometry the `_MLA_CACHE` arches' graphs assume, checked only where llama.cpp uses MLA.
+
+    llama.cpp's `llama_hparams::is_mla()` is `key_length_mla != 0 && value_length_mla != 0`; without it these
+    graphs take the plain multi-head path (deepseek2), or the loader refuses the file with a clear error
+    (deepseek32, glm-dsa, dots3note: "requires MLA"), except hy_v4, whose loader asserts. With MLA, the K cache
+    holds one head of [kv_lora_rank latent | rope part] and V is the latent: other sizes make ggml assert.
+    """
+    k_mla, v_mla = get_int(f"{arch}.attention.key_length_mla", 0), get_int(f"{arch}.attention.value_length_mla", 0)
+    if k_mla == 0 or v_mla == 0:
+        if arch in _MLA_REQUIRED:
+            raise bad(f"{arch} needs MLA attention: '{arch}.attention.key_length_mla' and "
+                      f"'{arch}.attention.value_length_mla' must both be > 0, found {k_mla} and {v_mla}")
+        return
+    rank = get_int(f"{arch}.attention.kv_lora_rank", 0)
+    if rank == 0:
+        return  # llama.cpp sizes the attention tensors by it: a file with 0 is refused by its loader (clearly)
+    n_embd, n_head = get_int(f"{arch}.embedding_length", 0), max(ints(f"{arch}.attention.head_count"))
+    head_k = get_int(f"{arch}.attention.key_length", n_embd // n_head if n_head else 0)
+    head_v = get_int(f"{arch}.attention.value_length", n_embd // n_head if n_head else 0)
+    n_rot = get_int(f"{arch}.rope.dimension_count", head_k)
+    if head_k != rank + n_rot or head_v != rank:
+        raise bad(f"MLA attention needs '{arch}.attention.key_length' == kv_lora_rank + rope dimension count and "
+                  f"'{arch}.attention.value_length' == kv_lora_rank, found key length {head_k}, value length "
+                  f"{head_v}, kv_lora_rank {rank}, rope dimension count {n_rot}")
+    kv_heads = set(ints(f"{arch}.attention.head_count_kv")) if get(f"{arch}.attention.head_count_kv") is not None \
+        else set(ints(f"{arch}.attention.head_count"))
+    if kv_heads != {1}:  # the compressed KV is one head shared by all query heads
+        raise bad(f"MLA attention needs '{arch}.attention.head_count_kv' == 1, found {sorted(kv_heads)}")
 
 
 def _check_vocab(path: Path, field: Any) -> None:
