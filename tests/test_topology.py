@@ -94,6 +94,7 @@ def test_router_only_or_experts_only_layer_counts_as_moe(tmp_path):
     ("glm4moe", {}, "sigmoid", False),                                       # key absent: sigmoid
     ("deepseek4", {"deepseek4.expert_gating_func": 4}, "sqrt_softplus", False),
     ("someday-moe", {}, "softmax", False),                                   # unknown arch: softmax
+    ("minicpm", {}, "softmax", True),                                        # granite's graph: fixed
 ])
 def test_gating_defaults(tmp_path, arch, keys, gating, norm):
     t = ModelTopology.from_gguf(write_gguf(tmp_path / "m.gguf", arch, keys=keys))
@@ -261,3 +262,10 @@ def test_hy_v4_needs_mla(tmp_path):
                                                           "hy_v4.attention.value_length_mla": 0})
     with pytest.raises(ModelFileError, match="hy_v4 needs MLA attention.*key_length_mla"):
         ModelTopology.from_gguf(path)
+
+
+def test_expert_tensors_that_llama_cpps_graph_ignores_make_a_dense_model(tmp_path):
+    # refact's loader creates expert tensors, its graph never routes (no build_moe_ffn): dense, with the reason
+    t = ModelTopology.from_gguf(write_gguf(tmp_path / "r.gguf", "refact"))
+    assert not t.is_moe and t.moe_layers == () and "ignores the file's expert tensors" in t.note
+    assert "ignores" in t.describe()

@@ -40,7 +40,8 @@ class MoEModel:
         self.path = Path(path)
         self.topology = ModelTopology.from_gguf(self.path, expert_used_override=expert_used_count)
         if not self.topology.is_moe:
-            raise NotMoEError(f"{self.path}: {self.topology.arch} model without routed experts; moe-gguf needs a MoE model")
+            why = f" ({self.topology.note})" if self.topology.note else ""
+            raise NotMoEError(f"{self.path}: {self.topology.arch} model without routed experts{why}; moe-gguf needs a MoE model")
         low_ = low()
         import jinja2
         from llama_cpp import Llama

@@ -25,7 +25,7 @@ _FIXED_GATING = {
     **dict.fromkeys(("llama4", "mimo2", "nemotron_h", "nemotron_h_moe"), "sigmoid"),
     "gpt-oss": "softmax_weight",
     **dict.fromkeys(
-        ("arctic", "bailingmoe", "dbrx", "deepseek", "ernie4_5-moe", "gemma4", "granite", "granitemoe",
+        ("arctic", "bailingmoe", "dbrx", "deepseek", "ernie4_5-moe", "gemma4", "granite", "granitemoe", "minicpm",
          "granite_swa", "granitehybrid", "grok", "grovemoe", "hunyuan-moe", "jamba", "llada-moe", "llama",
          "maple", "mellum", "minimax-01", "mistral3", "nomic-bert-moe", "olmoe", "phimoe", "qwen2moe",
          "qwen35moe", "qwen3moe", "qwen3next", "qwen3vlmoe", "qwen4exp", "rnd1"),
@@ -38,12 +38,18 @@ _SIGMOID_WHEN_ABSENT = frozenset(("afmoe", "cohere2moe", "glm-dsa", "glm4moe", "
 # Arches whose graph passes a fixed norm_w to build_moe_ffn instead of `%s.expert_weights_norm`.
 _FIXED_NORM = {
     **dict.fromkeys(
-        ("arctic", "dbrx", "ernie4_5-moe", "gemma4", "granite", "granitemoe", "granite_swa", "granitehybrid",
+        ("arctic", "dbrx", "ernie4_5-moe", "gemma4", "granite", "granitemoe", "minicpm", "granite_swa", "granitehybrid",
          "grok", "grovemoe", "hunyuan-moe", "kimi-linear", "lfm2", "lfm2moe", "llama", "maple", "mellum", "mimo2",
          "minimax-01", "minimax-m2", "mistral3", "phimoe", "qwen35moe", "qwen3moe", "qwen3next", "qwen3vlmoe",
          "qwen4exp", "rnd1", "smallthinker"),
         True),
     **dict.fromkeys(("deepseek", "jamba", "llada-moe", "llama4", "nomic-bert-moe", "olmoe", "qwen2moe"), False),
+}
+
+# Arches whose llama.cpp graph never routes, whatever expert tensors the file holds (src/models/*.cpp: no
+# build_moe_ffn call): llama.cpp loads the tensors and ignores them, so for moe-gguf the model is dense.
+_DENSE_GRAPH = {
+    "refact": "llama.cpp's refact graph runs a dense FFN in every layer and ignores the file's expert tensors",
 }
 
 _MOE_TENSOR = re.compile(r"blk\.(\d+)\.(?:ffn_gate_inp|ffn_down_exps)\.weight")
@@ -66,6 +72,7 @@ class ModelTopology:
     name: str  # general.name or file stem
     # digest of the router weights (sampled bytes of each layer's ffn_gate_inp), telling same-shape models apart
     weights: str | None = field(default=None, compare=False)
+    note: str = field(default="", compare=False)  # why a file with expert tensors or metadata is still not MoE for llama.cpp
 
     @property
     def is_moe(self) -> bool:
@@ -97,6 +104,8 @@ class ModelTopology:
         if not self.is_moe:
             lines.append(f"  layers:      {self.n_layer}, none with routed experts (dense model)")
             lines.append(f"  embedding:   {self.n_embd}")
+            if self.note:
+                lines.append(f"  note:        {self.note}")
             return "\n".join(lines)
         dense = self.n_layer - len(self.moe_layers)
         lines += [
@@ -158,7 +167,7 @@ class ModelTopology:
         if n_split > 1:
             tensor_names += _split_tensor_names(path, n_split)
         moe_layers: tuple[int, ...] = ()
-        if n_expert > 0:
+        if n_expert > 0 and arch not in _DENSE_GRAPH:
             found = {int(m.group(1)) for m in map(_MOE_TENSOR.fullmatch, tensor_names) if m}
             moe_layers = tuple(sorted(il for il in found if il < n_layer))
 
@@ -200,6 +209,7 @@ class ModelTopology:
             n_group_used=get_int(f"{arch}.expert_group_used_count", 0),
             name=name if isinstance(name, str) and name else _stem(path),
             weights=_router_digest(path, head, n_split) if moe_layers else None,
+            note=_DENSE_GRAPH.get(arch, "") if n_expert > 0 else "",
         )
 
 
