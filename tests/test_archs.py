@@ -1,0 +1,75 @@
+"""A fast subset of the architecture coverage suite (tests/archs/suite.py) on llama.cpp's own GGUFs.
+
+The files are written by llama.cpp's tests/test-llama-archs (built once from the vendored sources, cached
+like the wheel: the first run builds it, minutes), 8 experts, 2 used per token. Each file is checked in
+a child process through the real patched library; `python -m tests.archs.suite` runs every architecture.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.archs import suite
+
+pytestmark = pytest.mark.native
+
+SUBSET = ("qwen3moe", "llama", "olmoe", "gpt-oss", "llama4", "deepseek2", "grovemoe", "llada-moe")
+# what `prune` answers with a clear PruneError instead of pruning (moe_gguf/prune.py _REFUSED_ARCHS)
+PRUNE_REFUSED = {"grovemoe"}
+
+
+@pytest.fixture(scope="session")
+def arch_files():
+    from tests.archs import build
+
+    folder = build.generate(8, 2, "^(" + "|".join(SUBSET) + ")$")
+    files = {f.name.removesuffix("-moe.gguf"): f for f in folder.glob("*-moe.gguf")}
+    assert set(files) == set(SUBSET), f"test-llama-archs wrote {sorted(files)}"
+    return files
+
+
+@pytest.fixture(scope="session")
+def results(arch_files):
+    return {}
+
+
+def _result(arch_files, results, arch):
+    if arch not in results:
+        results[arch] = suite.run_one(arch_files[arch])
+    return results[arch]
+
+
+@pytest.mark.parametrize("arch", SUBSET)
+def test_load_and_topology_match_llama_cpp(arch_files, results, arch):
+    r = _result(arch_files, results, arch)
+    assert r["load"]["ok"], r["load"]["why"]
+    topo, llama = r["topology"], r["llama"]
+    assert topo["n_expert"] == 8 and topo["n_expert_used"] == 2
+    assert topo["moe_layers"] == llama["capture_layers"] == llama["cb_eval_layers"] != []
+
+
+@pytest.mark.parametrize("arch", SUBSET)
+def test_profile_is_honoured_in_capture_and_cb_eval(arch_files, results, arch):
+    r = _result(arch_files, results, arch)
+    assert r["load"]["ok"], r["load"]["why"]
+    assert r["steer"]["ok"], r["steer"]["why"]
+    assert r["steer"]["plan"]  # one disabled and one forced expert per MoE layer
+
+
+@pytest.mark.parametrize("arch", SUBSET)
+def test_capture_equals_cb_eval_and_no_profile_is_bit_identical(arch_files, results, arch):
+    r = _result(arch_files, results, arch)
+    assert r["load"]["ok"], r["load"]["why"]
+    assert r["capture"]["identical"] == {"capture_on": True, "steered_then_cleared": True}
+    assert r["capture"]["ok"], r["capture"]["why"]
+
+
+@pytest.mark.parametrize("arch", SUBSET)
+def test_prune_equals_disable_or_refuses_clearly(arch_files, results, arch):
+    r = _result(arch_files, results, arch)
+    assert r["load"]["ok"], r["load"]["why"]
+    p = r["prune"]
+    if arch in PRUNE_REFUSED:
+        assert p["ok"] is None and p["why"].startswith("refused: ") and f"cannot prune {arch}" in p["why"]
+    else:
+        assert p["ok"] and p["exact"], p["why"]
