@@ -16,6 +16,14 @@ pytestmark = pytest.mark.native
 SUBSET = ("qwen3moe", "llama", "olmoe", "gpt-oss", "llama4", "deepseek2", "grovemoe", "llada-moe")
 # what `prune` answers with a clear PruneError instead of pruning (moe_gguf/prune.py _REFUSED_ARCHS)
 PRUNE_REFUSED = {"grovemoe"}
+NEEDS_NATIVE = "needs the router index / llada-moe capture from branch native"
+# llada-moe (like rnd1) runs its graph without the route callback firing until branch native lands
+CAPTURE_PENDING = {"llada-moe"}
+
+
+def _params(pending: set[str]):
+    return [pytest.param(a, marks=pytest.mark.xfail(strict=True, reason=NEEDS_NATIVE)) if a in pending else a
+            for a in SUBSET]
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +53,23 @@ def test_load_and_topology_match_llama_cpp(arch_files, results, arch):
     assert r["load"]["ok"], r["load"]["why"]
     topo, llama = r["topology"], r["llama"]
     assert topo["n_expert"] == 8 and topo["n_expert_used"] == 2
-    assert topo["moe_layers"] == llama["capture_layers"] == llama["cb_eval_layers"] != []
+    assert topo["moe_layers"] == llama["cb_eval_layers"] != []  # the stock view: ffn_moe_topk-<il>
+    assert llama["n_expert_used_ctx"] == [2] and llama["expert_count_meta"] == "8"
+
+
+@pytest.mark.parametrize("arch", _params(CAPTURE_PENDING))
+def test_route_callback_sees_every_moe_layer(arch_files, results, arch):
+    r = _result(arch_files, results, arch)
+    assert r["load"]["ok"], r["load"]["why"]
+    assert r["llama"]["capture_layers"] == r["topology"]["moe_layers"]
+    assert r["llama"]["n_expert"] == [8] and r["llama"]["n_expert_used"] == [2]
+
+
+@pytest.mark.xfail(strict=True, reason=NEEDS_NATIVE)
+def test_grovemoe_records_say_which_of_its_two_routers(arch_files, results):
+    r = _result(arch_files, results, "grovemoe")
+    assert r["llama"]["routers_per_layer"] == [2]  # two build_moe_ffn calls per layer
+    assert all(v == [0, 1] for v in r["llama"]["routers"].values()), r["llama"]["routers"]
 
 
 @pytest.mark.parametrize("arch", SUBSET)
@@ -57,10 +81,16 @@ def test_profile_is_honoured_in_capture_and_cb_eval(arch_files, results, arch):
 
 
 @pytest.mark.parametrize("arch", SUBSET)
-def test_capture_equals_cb_eval_and_no_profile_is_bit_identical(arch_files, results, arch):
+def test_no_profile_is_bit_identical(arch_files, results, arch):
     r = _result(arch_files, results, arch)
     assert r["load"]["ok"], r["load"]["why"]
     assert r["capture"]["identical"] == {"capture_on": True, "steered_then_cleared": True}
+
+
+@pytest.mark.parametrize("arch", _params(CAPTURE_PENDING))
+def test_capture_equals_cb_eval_token_by_token(arch_files, results, arch):
+    r = _result(arch_files, results, arch)
+    assert r["load"]["ok"], r["load"]["why"]
     assert r["capture"]["ok"], r["capture"]["why"]
 
 

@@ -173,7 +173,8 @@ def check_file(path: Path, *, do_prune: bool = True) -> dict:
         "n_expert": sorted({c["n_expert"] for c in cap0.calls}),
         "n_expert_used": sorted({c["n_expert_used"] for c in cap0.calls}),
         "n_expert_used_ctx": sorted(set(used0.values())),
-        "routers_per_layer": sorted({len(v) for v in cl.values()}),
+        "routers_per_layer": sorted({len(v) for v in cl.values()}),  # callbacks per layer and ubatch
+        "routers": {str(il): sorted({c["router"] for c in v}) for il, v in cl.items()},  # router index per record
         "expert_count_meta": meta.get(f"{topo.arch}.expert_count"),
         "expert_group_count_meta": meta.get(f"{topo.arch}.expert_group_count", "0"),
         "expert_group_used_count_meta": meta.get(f"{topo.arch}.expert_group_used_count", "0"),
