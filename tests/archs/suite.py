@@ -102,11 +102,11 @@ def check_file(path: Path, *, do_prune: bool = True) -> dict:
     """Every check on one GGUF; a dict of results (never raises for a failed check)."""
     import numpy as np
 
-    from moe_gguf.cbeval import TopkTap
+    from moe_gguf.engine.cbeval import TopkTap
+    from moe_gguf.engine.model import MoEModel
     from moe_gguf.errors import ModelFileError, NotMoEError
-    from moe_gguf.model import MoEModel
-    from moe_gguf.profile import SteeringProfile
-    from moe_gguf.topology import ModelTopology
+    from moe_gguf.formats.profile import SteeringProfile
+    from moe_gguf.formats.topology import ModelTopology
 
     res: dict = {"file": path.name, "arch": path.name.removesuffix("-moe.gguf")}
     try:
@@ -302,7 +302,7 @@ def stock_topk_layers(path: Path, toks: list[int] | None = None, *, logits_out: 
     import numpy as np
     from llama_cpp import llama_cpp as low
 
-    from moe_gguf.cbeval import TopkTap
+    from moe_gguf.engine.cbeval import TopkTap
 
     low.llama_backend_init()
     quiet = low.llama_log_callback(lambda level, text, user: None)
@@ -359,9 +359,9 @@ def _stock_equal(python: str, path: Path, toks: list[int], base) -> bool:
 def _check_prune(path: Path, model, topo, plan: dict, toks: list[int]) -> dict:
     import numpy as np
 
-    from moe_gguf.model import MoEModel
-    from moe_gguf.profile import SteeringProfile
-    from moe_gguf.prune import PruneError, prune_gguf
+    from moe_gguf.engine.model import MoEModel
+    from moe_gguf.formats.profile import SteeringProfile
+    from moe_gguf.formats.prune import PruneError, prune_gguf
 
     remove = {il: [d] for il, (d, _) in plan.items()}
     prof = SteeringProfile.for_model(topo, name="pruned")
