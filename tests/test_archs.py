@@ -103,3 +103,33 @@ def test_prune_equals_disable_or_refuses_clearly(arch_files, results, arch):
         assert p["ok"] is None and p["why"].startswith("refused: ") and f"cannot prune {arch}" in p["why"]
     else:
         assert p["ok"] and p["exact"], p["why"]
+
+
+def _edited(src, dst, **values):
+    """A copy of `src` with some integer metadata values changed in place."""
+    import shutil
+
+    from gguf import GGUFReader
+
+    shutil.copy(src, dst)
+    r = GGUFReader(dst, "r+")
+    for key, v in values.items():
+        f = r.fields[key.replace("__", ".")]
+        f.parts[f.data[0]][0] = v
+    del r
+    return dst
+
+
+def test_a_file_llama_cpp_refuses_gets_its_reason(arch_files, tmp_path):
+    from moe_gguf.engine.model import MoEModel
+    from moe_gguf.errors import ModelFileError
+
+    # deepseek2 without MLA runs plain multi-head attention, with other tensor shapes: llama.cpp refuses, clearly
+    bad = _edited(arch_files["deepseek2"], tmp_path / "ds2.gguf", deepseek2__attention__key_length_mla=0,
+                  deepseek2__attention__value_length_mla=0)
+    with pytest.raises(ModelFileError, match="llama.cpp could not load the model: .*tensor 'blk.0.attn_q_b.weight' has wrong shape") as e:
+        MoEModel(bad, n_ctx=64, n_threads=1)
+    assert "ds2.gguf" in str(e.value) and "re-convert" in str(e.value)
+    bad = _edited(arch_files["qwen3moe"], tmp_path / "q3.gguf", qwen3moe__expert_feed_forward_length=100)
+    with pytest.raises(ModelFileError, match="tensor 'blk.0.ffn_gate_exps.weight' has wrong shape"):
+        MoEModel(bad, n_ctx=64, n_threads=1)
