@@ -73,7 +73,8 @@ def binary(log=print) -> Path:
             tf.extractall(tmp, members=members, filter="data") if hasattr(tarfile, "data_filter") \
                 else tf.extractall(tmp, members=members)
         src = Path(tmp) / f"llama_cpp_python-{native.LLAMA_CPP_PYTHON_VERSION}" / "vendor" / "llama.cpp"
-        r = subprocess.run(["patch", "-p1", "--batch", "-i", str(PATCH)], cwd=src, capture_output=True, text=True)
+        tool = ["patch", "-p1", "--batch", "-i", str(PATCH)] if shutil.which("patch") else ["git", "apply", str(PATCH)]
+        r = subprocess.run(tool, cwd=src, capture_output=True, text=True)
         if r.returncode != 0:
             raise ArchsBuildError(f"{PATCH.name} does not apply to llama.cpp's tests/test-llama-archs.cpp:\n{r.stdout}{r.stderr}")
         build = Path(tmp) / "build"
