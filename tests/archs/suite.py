@@ -59,11 +59,16 @@ class Capture:
             "probs": np.ctypeslib.as_array(r.probs, shape=(n, e)).copy() if r.probs else None,
         })
 
-    def layers(self) -> dict[int, list[dict]]:
+    def layers(self, router: int | None = None) -> dict[int, list[dict]]:
+        """Calls per layer, in call order; `router`: only that router's (0: the layer's first top-k selection)."""
         out: dict[int, list[dict]] = {}
         for c in self.calls:
-            out.setdefault(c["il"], []).append(c)
+            if router is None or c["router"] == router:
+                out.setdefault(c["il"], []).append(c)
         return out
+
+    def n_routers(self, il: int) -> int:
+        return len({c["router"] for c in self.calls if c["il"] == il}) or 1
 
 
 def _gating_seen(calls: list[dict]) -> tuple[str | None, bool | None, str]:
@@ -166,12 +171,13 @@ def check_file(path: Path, *, do_prune: bool = True) -> dict:
 
     # -- load: topology vs llama.cpp's view --
     cl = cap0.layers()
+    r0 = [c for c in cap0.calls if c["router"] == 0]  # a second router (grovemoe's chunk experts) has its own sizes
     seen_layers = sorted(cl)
     tap_layers = sorted(tap0.topk)
     llama = {
         "capture_layers": seen_layers, "cb_eval_layers": tap_layers,
-        "n_expert": sorted({c["n_expert"] for c in cap0.calls}),
-        "n_expert_used": sorted({c["n_expert_used"] for c in cap0.calls}),
+        "n_expert": sorted({c["n_expert"] for c in r0}),
+        "n_expert_used": sorted({c["n_expert_used"] for c in r0}),
         "n_expert_used_ctx": sorted(set(used0.values())),
         "routers_per_layer": sorted({len(v) for v in cl.values()}),  # callbacks per layer and ubatch
         "routers": {str(il): sorted({c["router"] for c in v}) for il, v in cl.items()},  # router index per record
@@ -208,11 +214,16 @@ def check_file(path: Path, *, do_prune: bool = True) -> dict:
     res["load"] = {"ok": not problems, "why": "; ".join(problems)}
 
     # -- steer + capture --
-    def ids_by_layer(cap: Capture) -> dict[int, np.ndarray]:
-        return {il: np.concatenate([c["ids"] for c in calls]) for il, calls in cap.layers().items()}
+    def ids_by_layer(cap: Capture, router: int | None = None) -> dict[int, np.ndarray]:
+        return {il: np.concatenate([c["ids"] for c in calls]) for il, calls in cap.layers(router).items()}
 
-    def tap_by_layer(tp) -> dict[int, np.ndarray]:
-        return {il: np.concatenate(chunks) for il, chunks in tp.topk.items()}
+    def tap_by_layer(tp, router: int | None = None, cap: Capture | None = None) -> dict[int, np.ndarray]:
+        # cb_eval names both of a layer's top-k selections ffn_moe_topk-<il>: they come in router order
+        out = {}
+        for il, chunks in tp.topk.items():
+            n = cap.n_routers(il) if cap is not None and router is not None else 1
+            out[il] = np.concatenate(chunks[(router or 0)::n] if n > 1 else chunks)
+        return out
 
     cap_problems: list[str] = []
 
@@ -233,7 +244,7 @@ def check_file(path: Path, *, do_prune: bool = True) -> dict:
     else:
         compare(cap0, tap0, "unsteered")
 
-    ids0 = ids_by_layer(cap0) if cap0.calls else tap_by_layer(tap0)
+    ids0 = ids_by_layer(cap0, 0) if cap0.calls else tap_by_layer(tap0)
     profile = SteeringProfile.for_model(topo, name="archs")
     plan = {}
     for il in topo.moe_layers:
@@ -251,8 +262,9 @@ def check_file(path: Path, *, do_prune: bool = True) -> dict:
     if cap1 is not None:
         if cap1.calls:
             compare(cap1, tap1, "steered")
-        views = [("capture", ids_by_layer(cap1))] if cap1.calls else []
-        for view, got in views + [("cb_eval", tap_by_layer(tap1))]:
+        # steering applies to a layer's first router (a second one, grovemoe's, selects from unsteered logits)
+        views = [("capture", ids_by_layer(cap1, 0))] if cap1.calls else []
+        for view, got in views + [("cb_eval", tap_by_layer(tap1, 0, cap1))]:
             for il, (d, f) in plan.items():
                 if il not in got:
                     steer_problems.append(f"{view}: layer {il} not routed")
@@ -434,6 +446,7 @@ def run_one(path: Path, *, do_prune: bool = True, timeout: int = TIMEOUT) -> dic
     finally:
         out.unlink(missing_ok=True)
     res["seconds"] = round(time.time() - t0, 1)
+    res["path"] = str(path)
     return res
 
 
@@ -452,7 +465,7 @@ def table(results: list[dict], configs: list[tuple[int, int]]) -> str:
         by.setdefault(r["arch"], {})[r["config"]] = r
     head = "| arch | " + " | ".join(f"E={e} K={k}: load / steer / capture / prune" for e, k in configs) + " |"
     lines = [head, "|---|" + "---|" * len(configs)]
-    notes: list[str] = []
+    notes: dict[tuple[str, str, str], list[str]] = {}  # (arch, check, why) -> configs
     for arch in sorted(by):
         cells = []
         for e, k in configs:
@@ -462,7 +475,8 @@ def table(results: list[dict], configs: list[tuple[int, int]]) -> str:
                 for key in ("load", "steer", "capture", "prune"):
                     why = (r.get(key) or {}).get("why")
                     if why and (r.get(key) or {}).get("ok") is not True:
-                        notes.append(f"- **{arch}** (E={e} K={k}) {key}: {why}")
+                        why = why.replace(str(Path(r.get("path", "")).parent) + "/", "") if r.get("path") else why
+                        notes.setdefault((arch, key, why), []).append(f"E={e} K={k}")
         lines.append(f"| {arch} | " + " | ".join(cells) + " |")
     totals = []
     for e, k in configs:
@@ -474,7 +488,9 @@ def table(results: list[dict], configs: list[tuple[int, int]]) -> str:
         totals.append(f"E={e} K={k}: {len(rs)} files, {len(rs) - dense} routing in llama.cpp ({dense} dense there too); "
                       f"load {count['load']}, steer {count['steer']}, capture {count['capture']}, prune "
                       f"{count['prune']} (+{refused} refused with a clear error)")
-    return "\n".join(lines) + "\n\n" + "\n".join(f"- {t}" for t in totals) + ("\n\nLimits:\n\n" + "\n".join(notes) if notes else "") + "\n"
+    limits = [f"- **{arch}** {key} ({', '.join(cf)}): {why}" for (arch, key, why), cf in notes.items()]
+    return ("\n".join(lines) + "\n\n" + "\n".join(f"- {t}" for t in totals)
+            + ("\n\nLimits:\n\n" + "\n".join(limits) if limits else "") + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
