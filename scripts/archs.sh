@@ -11,4 +11,4 @@ if [ "${STOCK:-0}" = 1 ]; then
   MOE_GGUF_ARCHS_STOCK_PYTHON=$(.venv/bin/python -c 'from bench import envs; print(envs.stock_python(lambda m: None))')
   export MOE_GGUF_ARCHS_STOCK_PYTHON
 fi
-.venv/bin/python -m tests.archs.suite --md docs/archs.md --json docs/archs.json "$@"
+.venv/bin/python -m tests.archs.suite --md docs/archs.md "$@"
