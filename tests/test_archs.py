@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 
-from moe_gguf import native
 from tests.archs import suite
 
 pytestmark = pytest.mark.native
@@ -17,16 +16,6 @@ pytestmark = pytest.mark.native
 SUBSET = ("qwen3moe", "llama", "olmoe", "gpt-oss", "llama4", "deepseek2", "grovemoe", "llada-moe")
 # what `prune` answers with a clear PruneError instead of pruning (moe_gguf/prune.py _REFUSED_ARCHS)
 PRUNE_REFUSED = {"grovemoe"}
-NEEDS_NATIVE = "needs the router index / llada-moe capture from branch native"
-# branch native raises the patch API to 3 with them: once merged, the xfails below become plain tests
-NATIVE_LANDED = native.PATCH_API_VERSION >= 3
-# llada-moe (like rnd1) runs its graph without the route callback firing until branch native lands
-CAPTURE_PENDING = {"llada-moe"}
-
-
-def _params(pending: set[str]):
-    mark = pytest.mark.xfail(not NATIVE_LANDED, strict=True, reason=NEEDS_NATIVE)
-    return [pytest.param(a, marks=mark) if a in pending else a for a in SUBSET]
 
 
 @pytest.fixture(scope="session")
@@ -60,16 +49,17 @@ def test_load_and_topology_match_llama_cpp(arch_files, results, arch):
     assert llama["n_expert_used_ctx"] == [2] and llama["expert_count_meta"] == "8"
 
 
-@pytest.mark.parametrize("arch", _params(CAPTURE_PENDING))
+@pytest.mark.parametrize("arch", SUBSET)
 def test_route_callback_sees_every_moe_layer(arch_files, results, arch):
+    # llada-moe runs llama_encode under llama_decode: its routes are reported since patch API 3
     r = _result(arch_files, results, arch)
     assert r["load"]["ok"], r["load"]["why"]
     assert r["llama"]["capture_layers"] == r["topology"]["moe_layers"]
     assert r["llama"]["n_expert"] == [8] and r["llama"]["n_expert_used"] == [2]
 
 
-@pytest.mark.xfail(not NATIVE_LANDED, strict=True, reason=NEEDS_NATIVE)
 def test_grovemoe_records_say_which_of_its_two_routers(arch_files, results):
+    # llama_moe_route.router (patch API 3): grovemoe's chunk experts are a second top-k in the same layer
     r = _result(arch_files, results, "grovemoe")
     assert r["llama"]["routers_per_layer"] == [2]  # two build_moe_ffn calls per layer
     assert all(v == [0, 1] for v in r["llama"]["routers"].values()), r["llama"]["routers"]
@@ -90,7 +80,7 @@ def test_no_profile_is_bit_identical(arch_files, results, arch):
     assert r["capture"]["identical"] == {"capture_on": True, "steered_then_cleared": True}
 
 
-@pytest.mark.parametrize("arch", _params(CAPTURE_PENDING))
+@pytest.mark.parametrize("arch", SUBSET)
 def test_capture_equals_cb_eval_token_by_token(arch_files, results, arch):
     r = _result(arch_files, results, arch)
     assert r["load"]["ok"], r["load"]["why"]
