@@ -94,6 +94,7 @@ def test_router_only_or_experts_only_layer_counts_as_moe(tmp_path):
     ("glm4moe", {}, "sigmoid", False),                                       # key absent: sigmoid
     ("deepseek4", {"deepseek4.expert_gating_func": 4}, "sqrt_softplus", False),
     ("someday-moe", {}, "softmax", False),                                   # unknown arch: softmax
+    ("minicpm", {}, "softmax", True),                                        # granite's graph: fixed
 ])
 def test_gating_defaults(tmp_path, arch, keys, gating, norm):
     t = ModelTopology.from_gguf(write_gguf(tmp_path / "m.gguf", arch, keys=keys))
@@ -202,3 +203,69 @@ def test_split_model_reads_every_split(tmp_path):
 def test_format_layers():
     assert format_layers([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
     assert format_layers(()) == "none"
+
+
+# What llama.cpp's own model saver writes (tests/test-llama-archs -o): every hyper-parameter, 0 where the arch
+# does not use it. llama.cpp loads these files, so moe-gguf must too.
+_SAVER_ZEROS = {"attention.kv_lora_rank": 0, "attention.q_lora_rank": 0, "attention.key_length_mla": 0,
+                "attention.value_length_mla": 0, "attention.kv_lora_rank_swa": 0, "expert_group_count": 0,
+                "expert_group_used_count": 0, "expert_gating_func": 0, "nextn_predict_layers": 0}
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "llama", "olmoe", "gpt-oss", "granitemoe", "phimoe", "qwen2moe", "dbrx",
+                                  "llama4", "deepseek", "glm4moe", "minimax-m2", "qwen3next"])
+def test_unused_mla_keys_at_zero_are_accepted(tmp_path, arch):
+    keys = {f"{arch}.{k}": v for k, v in _SAVER_ZEROS.items()}
+    keys |= {f"{arch}.attention.key_length": 4, f"{arch}.attention.value_length": 4, f"{arch}.rope.dimension_count": 4,
+             f"{arch}.attention.head_count": 4, f"{arch}.attention.head_count_kv": 4}
+    t = ModelTopology.from_gguf(write_gguf(tmp_path / "m.gguf", arch, keys=keys))
+    assert t.is_moe and t.n_expert_groups == 0
+
+
+def test_mla_keys_of_an_arch_without_mla_are_ignored(tmp_path):
+    # qwen3moe's loader never reads them: values that would be wrong for deepseek2 mean nothing here
+    keys = {"qwen3moe.attention.kv_lora_rank": 512, "qwen3moe.attention.key_length_mla": 192,
+            "qwen3moe.attention.value_length_mla": 128, "qwen3moe.attention.head_count": 4,
+            "qwen3moe.attention.key_length": 4, "qwen3moe.attention.value_length": 4}
+    assert ModelTopology.from_gguf(write_gguf(tmp_path / "m.gguf", keys=keys)).is_moe
+
+
+def _deepseek2(tmp_path, **kw):
+    keys = {"deepseek2.attention.kv_lora_rank": 512, "deepseek2.attention.key_length": 576,
+            "deepseek2.attention.value_length": 512, "deepseek2.rope.dimension_count": 64,
+            "deepseek2.attention.key_length_mla": 192, "deepseek2.attention.value_length_mla": 128,
+            "deepseek2.attention.head_count": 4, "deepseek2.attention.head_count_kv": 1}
+    keys.update({f"deepseek2.{k.replace('__', '.')}": v for k, v in kw.items()})
+    return write_gguf(tmp_path / "ds.gguf", "deepseek2", keys=keys)
+
+
+def test_mla_geometry_is_checked_where_llama_cpp_uses_mla(tmp_path):
+    assert ModelTopology.from_gguf(_deepseek2(tmp_path)).is_moe
+    with pytest.raises(ModelFileError, match=r"'deepseek2.attention.key_length' == kv_lora_rank \+ rope") as e:
+        ModelTopology.from_gguf(_deepseek2(tmp_path, attention__key_length=512))
+    assert "ds.gguf" in str(e.value) and "found key length 512" in str(e.value) and "re-convert" in str(e.value)
+    with pytest.raises(ModelFileError, match="'deepseek2.attention.head_count_kv' == 1, found \\[4\\]"):
+        ModelTopology.from_gguf(_deepseek2(tmp_path, attention__head_count_kv=4))
+
+
+def test_deepseek2_without_mla_or_without_a_latent_is_not_checked(tmp_path):
+    # key_length_mla == 0: llama.cpp's is_mla() is false and deepseek2 runs plain multi-head attention
+    assert ModelTopology.from_gguf(_deepseek2(tmp_path, attention__key_length_mla=0, attention__key_length=192,
+                                              attention__head_count_kv=4)).is_moe
+    # kv_lora_rank 0: llama.cpp refuses the tensor shapes itself, with an error (not an abort)
+    assert ModelTopology.from_gguf(_deepseek2(tmp_path, attention__kv_lora_rank=0)).is_moe
+
+
+def test_hy_v4_needs_mla(tmp_path):
+    # its loader asserts is_mla(): an abort of the whole process, so moe-gguf says it first
+    path = write_gguf(tmp_path / "hy.gguf", "hy_v4", keys={"hy_v4.attention.key_length_mla": 0,
+                                                          "hy_v4.attention.value_length_mla": 0})
+    with pytest.raises(ModelFileError, match="hy_v4 needs MLA attention.*key_length_mla"):
+        ModelTopology.from_gguf(path)
+
+
+def test_expert_tensors_that_llama_cpps_graph_ignores_make_a_dense_model(tmp_path):
+    # refact's loader creates expert tensors, its graph never routes (no build_moe_ffn): dense, with the reason
+    t = ModelTopology.from_gguf(write_gguf(tmp_path / "r.gguf", "refact"))
+    assert not t.is_moe and t.moe_layers == () and "ignores the file's expert tensors" in t.note
+    assert "ignores" in t.describe()

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from moe_gguf.engine.context import SteerContext
@@ -20,6 +21,30 @@ from moe_gguf.engine.offload import Placement, model_params, override_array
 from moe_gguf.errors import ContextClosedError, ModelFileError, NotMoEError
 from moe_gguf.formats.profile import SteeringProfile
 from moe_gguf.formats.topology import ModelTopology
+
+
+@contextmanager
+def llama_errors() -> Iterator[list[str]]:
+    """llama.cpp's ERROR log lines while the block runs (what it says when it refuses a file, e.g. "error loading
+    model: ... tensor 'blk.0.ffn_gate_inp.weight' has wrong shape"), still printed as llama-cpp-python does."""
+    from llama_cpp import _logger
+    from llama_cpp import llama_cpp as lc
+
+    lines: list[str] = []
+
+    def on_log(level: int, text: bytes, user) -> None:
+        if level == 4:  # GGML_LOG_LEVEL_ERROR
+            line = text.decode("utf-8", "replace").strip()
+            if line:
+                lines.append(line.split(": ", 1)[1] if line.startswith("llama_") and ": " in line else line)
+        _logger.llama_log_callback(level, text, user)
+
+    callback = lc.llama_log_callback(on_log)
+    lc.llama_log_set(callback, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        lc.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
 
 
 class MoEModel:
@@ -40,7 +65,8 @@ class MoEModel:
         self.path = Path(path)
         self.topology = ModelTopology.from_gguf(self.path, expert_used_override=expert_used_count)
         if not self.topology.is_moe:
-            raise NotMoEError(f"{self.path}: {self.topology.arch} model without routed experts; moe-gguf needs a MoE model")
+            why = f" ({self.topology.note})" if self.topology.note else ""
+            raise NotMoEError(f"{self.path}: {self.topology.arch} model without routed experts{why}; moe-gguf needs a MoE model")
         low_ = low()
         import jinja2
         from llama_cpp import Llama
@@ -70,12 +96,14 @@ class MoEModel:
         if not extra_bufts:
             fields["use_extra_bufts"] = False
         try:
-            with model_params(**fields):
+            with model_params(**fields), llama_errors() as errors:
                 self.llama = Llama(model_path=str(self.path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                                    n_threads=self.n_threads, n_batch=n_batch, seed=seed, kv_overrides=kv or None,
                                    verbose=verbose, **llama_kwargs)
         except ValueError as e:
-            raise ModelFileError(f"{self.path}: llama.cpp could not load the model ({e})") from e
+            said = "; ".join(dict.fromkeys(errors)) or str(e)
+            raise ModelFileError(f"{self.path}: llama.cpp could not load the model: {said}. The file is damaged or "
+                                 "not a model this llama.cpp supports: re-download or re-convert it.") from e
         except jinja2.TemplateError as e:  # llama-cpp-python compiles the GGUF's chat templates on load
             raise ModelFileError(f"{self.path}: the model's chat template is broken ({type(e).__name__}: {e})") from e
         self._low = low_

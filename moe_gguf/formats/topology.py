@@ -25,7 +25,7 @@ _FIXED_GATING = {
     **dict.fromkeys(("llama4", "mimo2", "nemotron_h", "nemotron_h_moe"), "sigmoid"),
     "gpt-oss": "softmax_weight",
     **dict.fromkeys(
-        ("arctic", "bailingmoe", "dbrx", "deepseek", "ernie4_5-moe", "gemma4", "granite", "granitemoe",
+        ("arctic", "bailingmoe", "dbrx", "deepseek", "ernie4_5-moe", "gemma4", "granite", "granitemoe", "minicpm",
          "granite_swa", "granitehybrid", "grok", "grovemoe", "hunyuan-moe", "jamba", "llada-moe", "llama",
          "maple", "mellum", "minimax-01", "mistral3", "nomic-bert-moe", "olmoe", "phimoe", "qwen2moe",
          "qwen35moe", "qwen3moe", "qwen3next", "qwen3vlmoe", "qwen4exp", "rnd1"),
@@ -38,12 +38,18 @@ _SIGMOID_WHEN_ABSENT = frozenset(("afmoe", "cohere2moe", "glm-dsa", "glm4moe", "
 # Arches whose graph passes a fixed norm_w to build_moe_ffn instead of `%s.expert_weights_norm`.
 _FIXED_NORM = {
     **dict.fromkeys(
-        ("arctic", "dbrx", "ernie4_5-moe", "gemma4", "granite", "granitemoe", "granite_swa", "granitehybrid",
+        ("arctic", "dbrx", "ernie4_5-moe", "gemma4", "granite", "granitemoe", "minicpm", "granite_swa", "granitehybrid",
          "grok", "grovemoe", "hunyuan-moe", "kimi-linear", "lfm2", "lfm2moe", "llama", "maple", "mellum", "mimo2",
          "minimax-01", "minimax-m2", "mistral3", "phimoe", "qwen35moe", "qwen3moe", "qwen3next", "qwen3vlmoe",
          "qwen4exp", "rnd1", "smallthinker"),
         True),
     **dict.fromkeys(("deepseek", "jamba", "llada-moe", "llama4", "nomic-bert-moe", "olmoe", "qwen2moe"), False),
+}
+
+# Arches whose llama.cpp graph never routes, whatever expert tensors the file holds (src/models/*.cpp: no
+# build_moe_ffn call): llama.cpp loads the tensors and ignores them, so for moe-gguf the model is dense.
+_DENSE_GRAPH = {
+    "refact": "llama.cpp's refact graph runs a dense FFN in every layer and ignores the file's expert tensors",
 }
 
 _MOE_TENSOR = re.compile(r"blk\.(\d+)\.(?:ffn_gate_inp|ffn_down_exps)\.weight")
@@ -66,6 +72,7 @@ class ModelTopology:
     name: str  # general.name or file stem
     # digest of the router weights (sampled bytes of each layer's ffn_gate_inp), telling same-shape models apart
     weights: str | None = field(default=None, compare=False)
+    note: str = field(default="", compare=False)  # why a file with expert tensors or metadata is still not MoE for llama.cpp
 
     @property
     def is_moe(self) -> bool:
@@ -97,6 +104,8 @@ class ModelTopology:
         if not self.is_moe:
             lines.append(f"  layers:      {self.n_layer}, none with routed experts (dense model)")
             lines.append(f"  embedding:   {self.n_embd}")
+            if self.note:
+                lines.append(f"  note:        {self.note}")
             return "\n".join(lines)
         dense = self.n_layer - len(self.moe_layers)
         lines += [
@@ -158,7 +167,7 @@ class ModelTopology:
         if n_split > 1:
             tensor_names += _split_tensor_names(path, n_split)
         moe_layers: tuple[int, ...] = ()
-        if n_expert > 0:
+        if n_expert > 0 and arch not in _DENSE_GRAPH:
             found = {int(m.group(1)) for m in map(_MOE_TENSOR.fullmatch, tensor_names) if m}
             moe_layers = tuple(sorted(il for il in found if il < n_layer))
 
@@ -200,11 +209,17 @@ class ModelTopology:
             n_group_used=get_int(f"{arch}.expert_group_used_count", 0),
             name=name if isinstance(name, str) and name else _stem(path),
             weights=_router_digest(path, head, n_split) if moe_layers else None,
+            note=_DENSE_GRAPH.get(arch, "") if n_expert > 0 else "",
         )
 
 
 # llama.cpp's src/llama-hparams.h
 LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS = 512, 1024
+# MLA arches whose graph stores one K-cache head of [kv_lora_rank latent | rope part] when MLA is on
+# (src/models/*.cpp: ggml_reshape_3d(kv_cmpr, kv_lora_rank, 1, n_tokens), then ggml_concat(kv_cmpr, k_pe)).
+# The hybrid MLA arches (kimi-linear, kimi-k3, glm5-next, bailingmoe3) size their caches otherwise and are not checked.
+_MLA_CACHE = frozenset(("deepseek2", "deepseek2-ocr", "mistral4", "deepseek32", "glm-dsa", "dots3note", "hy_v4"))
+_MLA_REQUIRED = frozenset(("hy_v4",))  # its loader GGML_ASSERTs is_mla() (an abort, not an error)
 # arches whose graph asserts head size == rotary dimension == key head size (src/models/*.cpp), or sizes the
 # attention tensors by the rotary dimension (gpt-oss); llama.cpp's GGML_ASSERT aborts the whole process, so a
 # corrupted file is refused here first
@@ -223,8 +238,9 @@ def _check_llama_limits(path: Path, arch: str, get: Any, get_int: Any) -> None:
     """
 
     def bad(what: str) -> ModelFileError:
-        return ModelFileError(f"{path}: {what}; the file is corrupted or was not written by a llama.cpp converter. "
-                              "Re-download or re-convert the model.")
+        return ModelFileError(f"{path}: {what}. llama.cpp cannot run such a file (it would stop the process on it): "
+                              "the file is corrupted or its converter wrote wrong metadata. Re-download or re-convert "
+                              "the model.")
 
     def ints(key: str) -> list[int]:  # a number or a per-layer array, as llama.cpp's get_key_or_arr reads them
         v = get(key, 0)
@@ -257,17 +273,8 @@ def _check_llama_limits(path: Path, arch: str, get: Any, get_int: Any) -> None:
         eps = get(key, 0.0)
         if not isinstance(eps, (int, float)) or not eps >= 0 or eps == float("inf"):
             raise bad(f"{key} is {eps!r}, it must be a finite number >= 0")
-    if get(f"{arch}.attention.key_length_mla") is not None and get(f"{arch}.attention.kv_lora_rank") is not None:
-        # MLA (deepseek2 and kin): the cache holds the compressed KV plus the rotary part, sized by these keys
-        rank, n_rot = get_int(f"{arch}.attention.kv_lora_rank"), get_int(f"{arch}.rope.dimension_count", 0)
-        head_k, head_v = get_int(f"{arch}.attention.key_length", 0), get_int(f"{arch}.attention.value_length", 0)
-        if head_k != rank + n_rot or head_v != rank:
-            raise bad(f"MLA attention needs key length == kv_lora_rank + rope dimension count and value length == "
-                      f"kv_lora_rank, found {head_k}, {head_v}, kv_lora_rank {rank}, rope dimension count {n_rot}")
-        kv_heads = set(ints(f"{arch}.attention.head_count_kv")) if get(f"{arch}.attention.head_count_kv") is not None \
-            else set(ints(f"{arch}.attention.head_count"))
-        if kv_heads != {1}:  # the compressed KV is one head shared by all query heads
-            raise bad(f"MLA attention needs {arch}.attention.head_count_kv == 1, found {sorted(kv_heads)}")
+    if arch in _MLA_CACHE:
+        _check_mla(arch, get, get_int, ints, bad)
     if arch in _ROT_IS_HEAD:
         n_embd, n_head = get_int(f"{arch}.embedding_length", 0), ints(f"{arch}.attention.head_count")[0]
         if n_head > 0:
@@ -277,6 +284,37 @@ def _check_llama_limits(path: Path, arch: str, get: Any, get_int: Any) -> None:
             if not head_k == head_v == n_rot:
                 raise bad(f"{arch} needs key length == value length == rope dimension count, found {head_k}, "
                           f"{head_v} and {n_rot}")
+
+
+def _check_mla(arch: str, get: Any, get_int: Any, ints: Any, bad: Any) -> None:
+    """The MLA geometry the `_MLA_CACHE` arches' graphs assume, checked only where llama.cpp uses MLA.
+
+    llama.cpp's `llama_hparams::is_mla()` is `key_length_mla != 0 && value_length_mla != 0`; without it these
+    graphs take the plain multi-head path (deepseek2), or the loader refuses the file with a clear error
+    (deepseek32, glm-dsa, dots3note: "requires MLA"), except hy_v4, whose loader asserts. With MLA, the K cache
+    holds one head of [kv_lora_rank latent | rope part] and V is the latent: other sizes make ggml assert.
+    """
+    k_mla, v_mla = get_int(f"{arch}.attention.key_length_mla", 0), get_int(f"{arch}.attention.value_length_mla", 0)
+    if k_mla == 0 or v_mla == 0:
+        if arch in _MLA_REQUIRED:
+            raise bad(f"{arch} needs MLA attention: '{arch}.attention.key_length_mla' and "
+                      f"'{arch}.attention.value_length_mla' must both be > 0, found {k_mla} and {v_mla}")
+        return
+    rank = get_int(f"{arch}.attention.kv_lora_rank", 0)
+    if rank == 0:
+        return  # llama.cpp sizes the attention tensors by it: a file with 0 is refused by its loader (clearly)
+    n_embd, n_head = get_int(f"{arch}.embedding_length", 0), max(ints(f"{arch}.attention.head_count"))
+    head_k = get_int(f"{arch}.attention.key_length", n_embd // n_head if n_head else 0)
+    head_v = get_int(f"{arch}.attention.value_length", n_embd // n_head if n_head else 0)
+    n_rot = get_int(f"{arch}.rope.dimension_count", head_k)
+    if head_k != rank + n_rot or head_v != rank:
+        raise bad(f"MLA attention needs '{arch}.attention.key_length' == kv_lora_rank + rope dimension count and "
+                  f"'{arch}.attention.value_length' == kv_lora_rank, found key length {head_k}, value length "
+                  f"{head_v}, kv_lora_rank {rank}, rope dimension count {n_rot}")
+    kv_heads = set(ints(f"{arch}.attention.head_count_kv")) if get(f"{arch}.attention.head_count_kv") is not None \
+        else set(ints(f"{arch}.attention.head_count"))
+    if kv_heads != {1}:  # the compressed KV is one head shared by all query heads
+        raise bad(f"MLA attention needs '{arch}.attention.head_count_kv' == 1, found {sorted(kv_heads)}")
 
 
 def _check_vocab(path: Path, field: Any) -> None:
