@@ -14,7 +14,7 @@ from tests.archs import suite
 pytestmark = pytest.mark.native
 
 SUBSET = ("qwen3moe", "llama", "olmoe", "gpt-oss", "llama4", "deepseek2", "grovemoe", "llada-moe")
-# what `prune` answers with a clear PruneError instead of pruning (moe_gguf/prune.py _REFUSED_ARCHS)
+# what `prune` answers with a clear PruneError instead of pruning (moe_gguf/formats/prune.py _REFUSED_ARCHS)
 PRUNE_REFUSED = {"grovemoe"}
 
 
