@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -85,16 +86,6 @@ def merge(inputs, out) -> None:
     click.echo(f"merged {len(inputs)} files, {what}: {out}")
 
 
-def _chat_tokens(model, prompt: str, chat: bool) -> list[int]:
-    if chat:
-        return model.tokenize(model.chat_prompt([{"role": "user", "content": prompt}]), add_bos=False)
-    return model.tokenize(prompt)
-
-
-def _text_tokens(model, text: str | None) -> list[int] | None:
-    return model.tokenize(text, add_bos=False, special=False) or None if text else None
-
-
 @main.command()
 @click.argument("counts", type=click.Path(exists=True, dir_okay=False))
 @click.option("--target", required=True, help="Label of the behaviour to steer towards (e.g. comply).")
@@ -130,8 +121,6 @@ def rank(counts, target, away, method, top_n, n_boot, csv_out, json_out, heatmap
          causal_path, candidates, causal_items, max_set, max_damage, effect_fraction, min_gain, patience, seed, raw,
          **load) -> None:
     """Rank experts for a behaviour from probe counts (observational, optionally causal with a damage brake)."""
-    import random
-
     from moe_gguf.study import rank as R
     from moe_gguf.study.items import load_items
     from moe_gguf.study.plot import heatmap_png
@@ -160,79 +149,61 @@ def rank(counts, target, away, method, top_n, n_boot, csv_out, json_out, heatmap
             w = csv.DictWriter(f, fieldnames=list(ranking.to_rows()[0]))
             w.writeheader()
             w.writerows(ranking.to_rows())
-    model = None
+    if (causal_path or profile_out) and not model_path:
+        fail("--causal and --profile-out need -m/--model")
     sel = None
-    if causal_path or profile_out:
-        if not model_path:
-            fail("--causal and --profile-out need -m/--model")
-    if causal_path:
-        try:
-            items = load_items(causal_path)
-        except ProbeInputError as e:
-            fail(str(e))
-        rng = random.Random(seed)
-        away_rows = [it for it in items if it.label == away and (it.response or it.target or it.answer)]
-        keep_rows = [it for it in items if it.label == target]
-        if not away_rows:
-            fail(f"{causal_path}: no '{away}' item has a 'response' (the behaviour to reduce, e.g. the refusal) or a "
-                 f"'target'/'answer'; add the model's {away} replies as 'response'")
-        if not keep_rows:
-            fail(f"{causal_path}: no '{target}' items: they measure the damage a profile does")
-        away_rows = rng.sample(away_rows, min(causal_items, len(away_rows)))
-        keep_rows = rng.sample(keep_rows, min(causal_items, len(keep_rows)))
-        model = load_model(model_path, **load)
+    with contextlib.ExitStack() as stack:
+        model = stack.enter_context(load_model(model_path, **load)) if (causal_path or profile_out) else None
+        if causal_path:
+            try:
+                items = load_items(causal_path)
+            except ProbeInputError as e:  # names the file and line
+                fail(str(e))
+            try:
+                away_items, keep_items = R.causal_items(model, items, target=target, away=away,
+                                                        n_items=causal_items, seed=seed, chat=not raw)
+                sel = R.causal_select(model, away_items, keep_items, [(r.layer, r.expert) for r in ranking.top(candidates)],
+                                      max_set=max_set, max_damage=max_damage, effect_fraction=effect_fraction,
+                                      min_gain=min_gain, patience=patience, progress=lambda m: click.echo(m, err=True))
+            except ValueError as e:
+                fail(f"{causal_path}: {e}")
+            _print_selection(sel, ranking, method=method, away=away, target=target, top_n=top_n,
+                             n_away=len(away_items), n_keep=len(keep_items), max_damage=max_damage,
+                             effect_fraction=effect_fraction)
+        payload = {"method": method, "target": target, "away": away, "token_mode": res.token_mode,
+                   "stability": ranking.stability, "ranking": ranking.to_rows()}
+        if sel:
+            payload["causal"] = {**sel.to_json(), "agreement": R.agreement(ranking, sel, top_n)}
+        write_json(json_out, payload)
+        if heatmap:
+            heatmap_png(ranking.scores, heatmap, title=f"{method}: {away} vs {target}", layers=moe_layers,
+                        marked=[(r.layer, r.expert) for r in ranking.top(top_n)])
+        if profile_out:
+            if sel is not None:
+                prof = R.selection_profile(model.topology, sel, away=away)
+                if not sel.chosen:
+                    click.echo("warning: no expert passed the causal test within the damage budget; the profile is empty",
+                               err=True)
+            else:
+                prof = ranking.profile(model.topology, top_n)
+            prof.save(profile_out)
+            click.echo(f"wrote {profile_out}: {prof.summary()}")
 
-        def chat_of(it):
-            return not raw if it.chat is None else it.chat
 
-        away_items = [R.AwayItem(_chat_tokens(model, it.prompt, chat_of(it)), _text_tokens(model, it.response),
-                                 _text_tokens(model, it.target or it.answer)) for it in away_rows]
-        keep_items = [R.KeepItem(_chat_tokens(model, it.prompt, chat_of(it)), _text_tokens(model, it.response))
-                      for it in keep_rows]
-        cands = [(r.layer, r.expert) for r in ranking.top(candidates)]
-        try:
-            sel = R.causal_select(model, away_items, keep_items, cands, max_set=max_set, max_damage=max_damage,
-                                  effect_fraction=effect_fraction, min_gain=min_gain, patience=patience,
-                                  progress=lambda m: click.echo(m, err=True))
-        except ValueError as e:
-            fail(str(e))
-        ag = R.agreement(ranking, sel, top_n)
-        click.echo(f"causal ({len(away_items)} '{away}' / {len(keep_items)} '{target}' items): effect = fall of "
-                   f"p(away continuation) per token; damage = KL on '{target}' items (budget {max_damage})")
-        click.echo(f"{'size':>4} {'effect':>8} {'damage':>8}  experts")
-        for row in sel.curve:
-            click.echo(f"{row['size']:>4} {row['effect']:>8.3f} {row['damage']:>8.4f}  {row['experts']}")
-        for rj in sel.rejected:
-            click.echo(f"     refused {rj['expert']}: {rj['reason']} (effect {rj['effect']:.3f}, damage {rj['damage']:.4f})")
-        click.echo(f"chosen: {sel.chosen} (smallest set reaching {effect_fraction:.0%} of the best effect)")
-        click.echo(f"agreement with {method}: spearman {ag['spearman']:.2f}, top-{top_n} overlap {ag['top_overlap']}")
-    payload = {"method": method, "target": target, "away": away, "token_mode": res.token_mode,
-               "stability": ranking.stability, "ranking": ranking.to_rows()}
-    if sel:
-        payload["causal"] = {**sel.to_json(), "agreement": R.agreement(ranking, sel, top_n)}
-    write_json(json_out, payload)
-    if heatmap:
-        heatmap_png(ranking.scores, heatmap, title=f"{method}: {away} vs {target}", layers=moe_layers,
-                    marked=[(r.layer, r.expert) for r in ranking.top(top_n)])
-    if profile_out:
-        if model is None:
-            model = load_model(model_path, **load)
-        if sel is not None:
-            from moe_gguf.formats.profile import SteeringProfile
+def _print_selection(sel, ranking, *, method: str, away: str, target: str, top_n: int, n_away: int, n_keep: int,
+                     max_damage: float, effect_fraction: float) -> None:
+    from moe_gguf.study.rank import agreement
 
-            prof = SteeringProfile.for_model(model.topology, name=f"causal-{len(sel.chosen)}",
-                                             description=f"disable: reduce '{away}' (causal, damage budget {max_damage})")
-            for layer, e in sel.chosen:
-                prof.disable(layer, e)
-            if not sel.chosen:
-                click.echo("warning: no expert passed the causal test within the damage budget; the profile is empty",
-                           err=True)
-        else:
-            prof = ranking.profile(model.topology, top_n)
-        prof.save(profile_out)
-        click.echo(f"wrote {profile_out}: {prof.summary()}")
-    if model is not None:
-        model.close()
+    ag = agreement(ranking, sel, top_n)
+    click.echo(f"causal ({n_away} '{away}' / {n_keep} '{target}' items): effect = fall of "
+               f"p(away continuation) per token; damage = KL on '{target}' items (budget {max_damage})")
+    click.echo(f"{'size':>4} {'effect':>8} {'damage':>8}  experts")
+    for row in sel.curve:
+        click.echo(f"{row['size']:>4} {row['effect']:>8.3f} {row['damage']:>8.4f}  {row['experts']}")
+    for rj in sel.rejected:
+        click.echo(f"     refused {rj['expert']}: {rj['reason']} (effect {rj['effect']:.3f}, damage {rj['damage']:.4f})")
+    click.echo(f"chosen: {sel.chosen} (smallest set reaching {effect_fraction:.0%} of the best effect)")
+    click.echo(f"agreement with {method}: spearman {ag['spearman']:.2f}, top-{top_n} overlap {ag['top_overlap']}")
 
 
 def _load_checker(spec: str):

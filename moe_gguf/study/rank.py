@@ -18,12 +18,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from moe_gguf.engine.model import MoEModel
 from moe_gguf.formats.profile import SteeringProfile
+from moe_gguf.formats.topology import ModelTopology
+from moe_gguf.study.items import StudyItem
 from moe_gguf.study.probe import ProbeResult
+
+if TYPE_CHECKING:
+    from moe_gguf.engine.model import MoEModel
 
 METHODS = ("rd", "ftri", "npmi", "freq_mag")
 
@@ -462,6 +467,49 @@ def score_profiles(model: MoEModel, away: Sequence[AwayItem], keep: Sequence[Kee
         out.append(SetScore(gmean(away_lp[pi]) or 0.0, gmean(target_lp[pi]), float(kl[pi].mean()) if len(keep) else 0.0,
                             float(nl.mean()) if len(nl) else None))
     return out
+
+
+def causal_items(model: MoEModel, items: Sequence[StudyItem], *, target: str, away: str, n_items: int = 32,
+                 seed: int = 0, chat: bool = True) -> tuple[list[AwayItem], list[KeepItem]]:
+    """Tokenized items for :func:`causal_select` from a study JSONL (the probe file will do).
+
+    Away items: the ``away`` label's items with a ``response`` (the behaviour to reduce) or a
+    ``target``/``answer`` (the wanted reply); keep items: the ``target`` label's items. At most ``n_items`` of
+    each, a seeded sample. Prompts use the chat template unless ``chat`` is False or an item's ``chat`` says
+    otherwise. Raises ValueError naming what is missing.
+    """
+    import random
+
+    away_rows = [it for it in items if it.label == away and (it.response or it.target or it.answer)]
+    keep_rows = [it for it in items if it.label == target]
+    if not away_rows:
+        raise ValueError(f"no '{away}' item has a 'response' (the behaviour to reduce, e.g. the refusal) or a "
+                         f"'target'/'answer'; add the model's {away} replies as 'response'")
+    if not keep_rows:
+        raise ValueError(f"no '{target}' items: they measure the damage a profile does")
+    rng = random.Random(seed)
+    away_rows = rng.sample(away_rows, min(n_items, len(away_rows)))
+    keep_rows = rng.sample(keep_rows, min(n_items, len(keep_rows)))
+
+    def prompt(it: StudyItem) -> list[int]:
+        if (chat if it.chat is None else it.chat):
+            return model.tokenize(model.chat_prompt([{"role": "user", "content": it.prompt}]), add_bos=False)
+        return model.tokenize(it.prompt)
+
+    def text(s: str | None) -> list[int] | None:
+        return (model.tokenize(s, add_bos=False, special=False) or None) if s else None
+
+    return ([AwayItem(prompt(it), text(it.response), text(it.target or it.answer)) for it in away_rows],
+            [KeepItem(prompt(it), text(it.response)) for it in keep_rows])
+
+
+def selection_profile(topology: ModelTopology, sel: SelectionResult, *, away: str) -> SteeringProfile:
+    """The profile disabling a causal selection's chosen set (empty if no expert passed the test)."""
+    prof = SteeringProfile.for_model(topology, name=f"causal-{len(sel.chosen)}",
+                                     description=f"disable: reduce '{away}' (causal, damage budget {sel.max_damage})")
+    for layer, e in sel.chosen:
+        prof.disable(layer, e)
+    return prof
 
 
 def causal_select(model: MoEModel, away: Sequence[AwayItem], keep: Sequence[KeepItem],
