@@ -274,8 +274,17 @@ def eval_cmd(model_path, profile_path, allow_model_mismatch, input_path, away, b
     and the profile on ordinary prompts."""
     import re as _re
 
+    from moe_gguf._io import atomic_write
+    from moe_gguf.errors import DecodeError
     from moe_gguf.formats.profile import SteeringProfile
-    from moe_gguf.study.evaluate import EvalItem, JudgeConfig, answer_checker, default_refusal_patterns, evaluate
+    from moe_gguf.study.evaluate import (
+        EvalItem,
+        JudgeConfig,
+        answer_checker,
+        default_refusal_patterns,
+        evaluate,
+        perplexity_inputs,
+    )
     from moe_gguf.study.items import load_items
     from moe_gguf.study.plot import bar_chart_png
 
@@ -303,18 +312,6 @@ def eval_cmd(model_path, profile_path, allow_model_mismatch, input_path, away, b
             fail(f"--ppl-file {ppl_file}: cannot read ({e})")
         if not docs_text:
             fail(f"--ppl-file {ppl_file}: no text (one document per line)")
-    model = load_model(model_path, **load)
-    try:
-        profile = SteeringProfile.load(profile_path)
-        profile.validate(model.topology, allow_mismatch=allow_model_mismatch, source=profile_path)
-    except ProfileError as e:
-        fail(str(e))
-    docs = [model.tokenize(d) for d in docs_text] if docs_text else ()
-    pairs = []
-    if not docs:
-        pairs = [(model.tokenize(model.chat_prompt([{"role": "user", "content": it.prompt}]), add_bos=False),
-                  model.tokenize(it.payload.response, add_bos=False, special=False))
-                 for it in benign_items if it.payload.response] if not raw else []
     cfg = JudgeConfig(regexes, check, ppl_factor, refusal_exact=exact)
     total = [0]
 
@@ -325,20 +322,22 @@ def eval_cmd(model_path, profile_path, allow_model_mismatch, input_path, away, b
         elif stage == "fluency":
             click.echo("  scoring fluency and perplexity", err=True)
 
-    from moe_gguf.errors import DecodeError
-
-    try:
-        rep = evaluate(model, profile, away_items, cfg, benign_items=benign_items, ppl_docs=docs, ppl_pairs=pairs,
-                       n_random=n_random, max_tokens=max_tokens, n_seq=n_seq, seed=seed, chat=not raw,
-                       progress=progress)
-    except DecodeError as e:
-        fail(f"{e}; try a smaller --batch or a larger -c")
+    with load_model(model_path, **load) as model:
+        try:
+            profile = SteeringProfile.load(profile_path)
+            profile.validate(model.topology, allow_mismatch=allow_model_mismatch, source=profile_path)
+        except ProfileError as e:
+            fail(str(e))
+        docs, pairs = perplexity_inputs(model, benign_items, texts=docs_text or (), chat=not raw)
+        try:
+            rep = evaluate(model, profile, away_items, cfg, benign_items=benign_items, ppl_docs=docs, ppl_pairs=pairs,
+                           n_random=n_random, max_tokens=max_tokens, n_seq=n_seq, seed=seed, chat=not raw,
+                           progress=progress)
+        except DecodeError as e:
+            fail(f"{e}; try a smaller --batch or a larger -c")
     click.echo(rep.table())
-    js = rep.to_json()
-    write_json(json_out, js)
+    write_json(json_out, rep.to_json())
     if replies_out:
-        from moe_gguf._io import atomic_write
-
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rep.replies).encode()
         try:
             atomic_write(Path(replies_out), data)
@@ -349,7 +348,6 @@ def eval_cmd(model_path, profile_path, allow_model_mismatch, input_path, away, b
         bar_chart_png(groups, {k: [rep.conditions[g].rates[k] for g in groups] for k in ("refusal", "compliance",
                                                                                      "unverified", "degenerate")},
                       chart, title=f"{profile.name}: judged replies")
-    model.close()
 
 
 @main.command()

@@ -378,6 +378,19 @@ def _ctx_size(n_tokens: int) -> int:
     return max(512, -(-(n_tokens + 16) // 256) * 256)
 
 
+def perplexity_inputs(model: MoEModel, benign_items: Sequence[EvalItem], *, texts: Sequence[str] = (),
+                      chat: bool = True) -> tuple[list[list[int]], list[tuple[list[int], list[int]]]]:
+    """What the perplexity guard scores: ``texts`` (held-out documents) tokenized; without them, the benign
+    items that carry a reference ``response`` as (chat prompt, response) pairs, scored on the response."""
+    docs = [model.tokenize(d) for d in texts]
+    if docs or not chat:
+        return docs, []
+    pairs = [(model.tokenize(model.chat_prompt([{"role": "user", "content": it.prompt}]), add_bos=False),
+              model.tokenize(it.payload.response, add_bos=False, special=False))
+             for it in benign_items if getattr(it.payload, "response", None)]
+    return docs, pairs
+
+
 def evaluate(model: MoEModel, profile: SteeringProfile, away_items: Sequence[EvalItem], cfg: JudgeConfig, *,
              benign_items: Sequence[EvalItem] = (), ppl_docs: Sequence[Sequence[int]] = (),
              ppl_pairs: Sequence[tuple[list[int], list[int]]] = (), n_random: int = 5, max_tokens: int = 32,
