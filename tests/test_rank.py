@@ -8,7 +8,7 @@ import pytest
 from moe_gguf.engine.model import MoEModel
 from moe_gguf.formats.records import RoutingRecord
 from moe_gguf.study.probe import ProbeResult
-from moe_gguf.study.rank import METHODS, CausalPrompt, agreement, causal_rank, preference_scores, rank
+from moe_gguf.study.rank import METHODS, agreement, rank
 
 
 def planted(n_items=40, L=3, E=8, k=2, seed=0, hot=(1, 3), cold=(2, 5)) -> ProbeResult:
@@ -81,31 +81,6 @@ def test_unknown_label_or_method():
 
 
 @pytest.mark.native
-def test_causal_batch_equals_one_profile_at_a_time(synth_model):
-    """Per-sequence steering makes the batched causal scores equal to separate unbatched runs."""
-    with MoEModel(synth_model("qwen3moe", "f32"), n_ctx=512, n_threads=2) as m:
-        topo = m.topology
-        prompts = [CausalPrompt(list(range(30 + i, 50 + i)), [70, 71, 72], [80, 81]) for i in range(3)]
-        cands = [(layer, e) for layer in topo.moe_layers for e in range(3)]
-        res = causal_rank(m, prompts, cands, max_set=3, n_seq=8)
-        # the same numbers, one profile per call, one sequence at a time
-        from moe_gguf.formats.profile import SteeringProfile
-
-        base1 = preference_scores(m, prompts, [None], n_seq=1)[0]
-        for c in cands[:3]:
-            p = SteeringProfile.for_model(topo).disable(*c)
-            single = preference_scores(m, prompts, [p], n_seq=1)[0]
-            # a batch of 8 sums floats in another order than a batch of 1 (even unsteered duplicates
-            # differ by ~1e-4 here); exact isolation for equal batches is pinned in test_steering.py
-            assert res.effects[c] == pytest.approx(single - base1, abs=5e-4)
-            assert np.sign(res.effects[c]) == np.sign(single - base1) or abs(single - base1) < 5e-4
-        assert len(res.greedy) == len(res.greedy_effects)
-        assert all(b < a for a, b in zip([0.0] + res.greedy_effects, res.greedy_effects, strict=False))
-        ag = agreement(rank(planted(L=topo.n_layer, E=topo.n_expert), target="comply", away="refuse", n_boot=0), res)
-        assert ag["n_candidates"] == len(cands)
-
-
-@pytest.mark.native
 def test_causal_select_scores_are_batch_independent_and_damage_is_measured(synth_model):
     """score_profiles in one shared batch equals one sequence at a time; the damage of the unsteered model is 0 and
     that of a profile disabling most experts of every layer is larger than one disabling a single expert."""
@@ -131,5 +106,7 @@ def test_causal_select_scores_are_batch_independent_and_damage_is_measured(synth
         assert batched[2].damage > batched[1].damage >= 0.0
         sel = causal_select(m, away, keep, [(0, 1), (1, 2), (0, 3)], max_set=2, max_damage=float("inf"))
         assert len(sel.chosen) <= 2 and sel.curve[0]["size"] == 0
+        ag = agreement(rank(planted(L=topo.n_layer, E=topo.n_expert), target="comply", away="refuse", n_boot=0), sel)
+        assert ag["n_candidates"] == 3 and ag["top_n"] == 10
         with pytest.raises(ValueError, match="response"):
             causal_select(m, [AwayItem([1, 2, 3], None)], keep, [(0, 1)])

@@ -9,8 +9,10 @@ p_target - p_away).
 - fTRI (MoTE): per-prompt layer x expert activation maps, averaged per label, difference.
 - nPMI (RICE): normalised pointwise mutual information between "expert selected" and the away label.
 - frequency x magnitude (STA-style): selection frequency times mean routing weight, difference.
-- causal: the change in log p(refusal continuation) - log p(compliant continuation) when the
-  expert is disabled, measured directly with per-sequence steering (prefill only, one batch).
+- causal (:func:`causal_select`): disable each candidate and measure directly, with per-sequence steering
+  (prefill only, shared batches), how much less likely the away continuations become (the effect) and how far
+  the next-token distributions on the target label's items move (the damage, a KL); a set grows greedily only
+  while the effect gains and the damage stays under a budget.
 """
 
 from __future__ import annotations
@@ -172,121 +174,7 @@ def rank(res: ProbeResult, *, target: str, away: str, method: str = "rd", top_n:
     return Ranking(method, target, away, scores, ranked, stability, top_n, warnings)
 
 
-# -- causal ranking --------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class CausalPrompt:
-    """A prompt showing the behaviour, with the behaviour's continuation and the wanted one."""
-
-    prompt: list[int]
-    away: list[int]  # e.g. the refusal
-    target: list[int]  # e.g. the compliant answer
-
-
-@dataclass
-class CausalResult:
-    base: float  # mean [log p(away) - log p(target)] per prompt, unsteered
-    effects: dict[tuple[int, int], float]  # single expert disabled: change of that score (< 0: less away)
-    greedy: list[tuple[int, int]]  # the set grown greedily
-    greedy_effects: list[float]  # the set's effect after each addition
-
-    def ranked(self) -> list[tuple[tuple[int, int], float]]:
-        return sorted(self.effects.items(), key=lambda kv: kv[1])
-
-    def benefits(self) -> dict[tuple[int, int], float]:
-        """> 0: disabling the expert reduces the away behaviour."""
-        return {c: -v for c, v in self.effects.items()}
-
-
-def _continuation_logp(logits: np.ndarray, n_prompt: int, cont: Sequence[int]) -> float:
-    """Sum of log p(cont) given the logits of prompt+cont decoded with outputs for all tokens."""
-    z = logits[n_prompt - 1:n_prompt - 1 + len(cont)].astype(np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float(logp[np.arange(len(cont)), list(cont)].sum())
-
-
-def preference_scores(model: MoEModel, prompts: Sequence[CausalPrompt], profiles: Sequence[SteeringProfile | None],
-                      *, n_seq: int = 16) -> list[float]:
-    """For each profile: mean over prompts of log p(away) - log p(target) (see preference_parts)."""
-    return [a - t for a, t in preference_parts(model, prompts, profiles, n_seq=n_seq)]
-
-
-def preference_parts(model: MoEModel, prompts: Sequence[CausalPrompt], profiles: Sequence[SteeringProfile | None],
-                     *, n_seq: int = 16) -> list[tuple[float, float]]:
-    """For each profile: mean over prompts of log p(away) - log p(target), all in shared batches.
-
-    Each sequence carries its own profile (per-sequence steering): one batch holds many
-    (profile, prompt, continuation) triples and is decoded once, prefill only.
-    """
-    jobs = [(pi, qi, kind) for pi in range(len(profiles)) for qi in range(len(prompts)) for kind in (0, 1)]
-    out = np.zeros((len(profiles), len(prompts), 2))
-    longest = max((len(q.prompt) + max(len(q.away), len(q.target)) for q in prompts), default=0)
-    n_ctx = max(512, -(-(n_seq * longest + 16) // 256) * 256)  # the batch's sequences share one cache
-    with model.context(n_seq_max=n_seq, n_batch=2048, n_ctx=n_ctx) as ctx:
-        for b0 in range(0, len(jobs), n_seq):
-            batch = jobs[b0:b0 + n_seq]
-            ctx.clear_memory()
-            items = []
-            for s, (pi, qi, kind) in enumerate(batch):
-                q = prompts[qi]
-                ctx.set_profile(profiles[pi], seq_id=s)
-                items.append((s, q.prompt + (q.away if kind == 0 else q.target), 0))
-            logits = ctx.decode(items, logits="all")
-            for s, (pi, qi, kind) in enumerate(batch):
-                q = prompts[qi]
-                out[pi, qi, kind] = _continuation_logp(logits[s], len(q.prompt), q.away if kind == 0 else q.target)
-            for s in range(len(batch)):
-                ctx.set_profile(None, seq_id=s)
-    return [(float(a), float(t)) for a, t in out.mean(axis=1)]
-
-
-def causal_rank(model: MoEModel, prompts: Sequence[CausalPrompt], candidates: Sequence[tuple[int, int]], *,
-                max_set: int = 10, n_seq: int = 16, min_gain: float = 0.0,
-                progress: Callable[[str], None] | None = None) -> CausalResult:
-    """Effect of disabling each candidate alone, then a set grown greedily while its effect grows
-    and log p(target) rises."""
-    topo = model.topology
-
-    def prof(experts: Sequence[tuple[int, int]]) -> SteeringProfile:
-        p = SteeringProfile.for_model(topo, name="causal")
-        for layer, e in experts:
-            p.disable(layer, e)
-        return p
-
-    parts = preference_parts(model, prompts, [None] + [prof([c]) for c in candidates], n_seq=n_seq)
-    scores = [a - t for a, t in parts]
-    base, base_target = scores[0], parts[0][1]
-    effects = {c: s - base for c, s in zip(candidates, scores[1:], strict=True)}
-    if progress:
-        progress(f"single-expert effects of {len(candidates)} candidates measured")
-    order = [c for c, _ in sorted(effects.items(), key=lambda kv: kv[1])]
-    chosen: list[tuple[int, int]] = []
-    chosen_fx: list[float] = []
-    current, target_logp = 0.0, base_target
-    per_layer: dict[int, int] = {}
-    for c in order:
-        if len(chosen) >= max_set:
-            break
-        if effects[c] >= 0:
-            break
-        if per_layer.get(c[0], 0) >= topo.n_expert - topo.n_expert_used:
-            continue
-        away, target = preference_parts(model, prompts, [prof(chosen + [c])], n_seq=n_seq)[0]
-        fx = away - target - base
-        # grow only while the wanted continuation gets likelier too: a set that merely breaks the
-        # model lowers log p(away) and log p(target) together
-        if fx < current - min_gain and target > target_logp:
-            chosen.append(c)
-            chosen_fx.append(fx)
-            per_layer[c[0]] = per_layer.get(c[0], 0) + 1
-            current, target_logp = fx, target
-            if progress:
-                progress(f"set of {len(chosen)}: effect {fx:+.3f}")
-    return CausalResult(base, effects, chosen, chosen_fx)
-
-
-def agreement(ranking: Ranking, causal: CausalResult | SelectionResult, top_n: int = 10) -> dict:
+def agreement(ranking: Ranking, causal: SelectionResult, top_n: int = 10) -> dict:
     """How an observational ranking and the causal one agree on the candidates both scored."""
     benefit = causal.benefits()  # > 0: disabling reduces the away behaviour
     cands = list(benefit)
@@ -348,14 +236,6 @@ class SelectionResult:
     chosen: list[tuple[int, int]]  # the smallest greedy prefix reaching effect_fraction of the best effect
     max_damage: float
     effect_fraction: float
-
-    @property
-    def greedy(self) -> list[tuple[int, int]]:
-        return self.chosen
-
-    @property
-    def greedy_effects(self) -> list[float]:
-        return [row["effect"] for row in self.curve[1:len(self.chosen) + 1]]
 
     def ranked(self) -> list[tuple[tuple[int, int], float]]:
         return sorted(self.effects.items(), key=lambda kv: -kv[1])
