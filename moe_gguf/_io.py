@@ -68,8 +68,7 @@ def atomic_path(path: Path, *, make_dirs: bool = False, what: str = "save") -> I
     Readers see the old file or the new one, never a partial one. On any failure the temp file is removed,
     the old file is unchanged and an OSError (a full disk, ...) becomes a FileWriteError naming ``path``.
     """
-    with _replacing([path], make_dirs=make_dirs, what=what) as ((fd, tmp),):
-        os.close(fd)
+    with _replacing([path], make_dirs=make_dirs, what=what, keep_open=False) as ((_, tmp),):
         yield tmp
 
 
@@ -94,30 +93,43 @@ def atomic_write_all(files: Sequence[tuple[Path, bytes | Callable[[BinaryIO], ob
 
 
 @contextlib.contextmanager
-def _replacing(paths: Sequence[Path], *, make_dirs: bool, what: str = "save") -> Iterator[list[tuple[int, Path]]]:
-    """Open temp files (fd, path) beside ``paths``; after the body, rename each over its target."""
-    temps: list[tuple[int, Path]] = []
+def _replacing(paths: Sequence[Path], *, make_dirs: bool, what: str = "save",
+               keep_open: bool = True) -> Iterator[list[tuple[int, Path]]]:
+    """Temp files (fd, path) beside ``paths``; after the body, each is renamed over its target.
+
+    ``keep_open=False``: the fds are closed before the body (it writes by path; the fds read -1).
+    """
+    fds: list[int] = []
+    tmps: list[Path] = []
+
+    def close_all() -> None:  # each fd exactly once: a closed number may already belong to another file
+        for i, fd in enumerate(fds):
+            if fd >= 0:
+                fds[i] = -1
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
     path = paths[0]
     try:
         for path in paths:
             if make_dirs:
                 path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = mkstemp_for(path)
-            temps.append((fd, Path(tmp)))
-        yield temps
-        for fd, _ in temps:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        for path, (_, tmp) in zip(paths, temps, strict=True):
+            fds.append(fd)
+            tmps.append(Path(tmp))
+        if not keep_open:
+            close_all()
+        yield list(zip(fds, tmps, strict=True))
+        close_all()
+        for path, tmp in zip(paths, tmps, strict=True):
             # mkstemp makes the file private (0600); keep an existing file's mode, else the usual 0644
             os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        for path, (_, tmp) in zip(paths, temps, strict=True):
+        for path, tmp in zip(paths, tmps, strict=True):
             os.replace(tmp, path)
         _fsync_dir(paths[0].parent)
     except BaseException as e:
-        for fd, tmp in temps:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        close_all()
+        for tmp in tmps:
             with contextlib.suppress(OSError):
                 tmp.unlink()
         if isinstance(e, OSError) and not isinstance(e, FileWriteError):
