@@ -8,6 +8,11 @@ import threading
 
 import numpy as np
 import pytest
+from textual.widgets import DataTable, Input, Markdown, Select, Static, Switch
+
+from moe_gguf.formats.profile import SteeringProfile
+from moe_gguf.formats.synth import PRESETS
+from moe_gguf.formats.topology import ModelTopology
 from moe_gguf.tui.app import MoEChatApp, run_chat
 from moe_gguf.tui.config import Sampling, load_config
 from moe_gguf.tui.screens.conversations import ConversationsScreen
@@ -21,11 +26,6 @@ from moe_gguf.tui.widgets.heatmap import ExpertHeatmap
 from moe_gguf.tui.widgets.message import CompareView, code_blocks, visible
 from moe_gguf.tui.widgets.steering import SteeringPanel
 from moe_gguf.tui.widgets.tokens import TokenInspector
-from textual.widgets import DataTable, Input, Markdown, Select, Static, Switch
-
-from moe_gguf.formats.profile import SteeringProfile
-from moe_gguf.formats.synth import PRESETS
-from moe_gguf.formats.topology import ModelTopology
 
 from .conftest import write_dense_gguf
 
@@ -526,9 +526,8 @@ async def test_llama_options_are_passed_through(model_path, monkeypatch):
 
 
 def test_default_model_is_the_demo_model(dirs, monkeypatch):
-    from moe_gguf.tui import session as session_mod
-
     from moe_gguf.demo import model as demo_model
+    from moe_gguf.tui import session as session_mod
 
     path, notice = session_mod.default_model_path()
     assert path == demo_model.default_model_path() and notice == ""

@@ -12,6 +12,10 @@ import sqlite3
 import stat
 
 import pytest
+from textual.widgets import Collapsible, Input, Select, Static, Switch
+
+from moe_gguf.formats.profile import SteeringProfile
+from moe_gguf.formats.topology import ModelTopology
 from moe_gguf.tui.app import MoEChatApp
 from moe_gguf.tui.config import Sampling
 from moe_gguf.tui.screens.dialogs import Confirm, FilePicker
@@ -24,10 +28,6 @@ from moe_gguf.tui.widgets.heatmap import ExpertHeatmap
 from moe_gguf.tui.widgets.message import MessageView
 from moe_gguf.tui.widgets.steering import SteeringPanel
 from moe_gguf.tui.widgets.tokens import TokenInspector
-from textual.widgets import Collapsible, Input, Select, Static, Switch
-
-from moe_gguf.formats.profile import SteeringProfile
-from moe_gguf.formats.topology import ModelTopology
 
 pytestmark = pytest.mark.native
 
@@ -186,9 +186,9 @@ async def test_profile_for_other_weights_of_the_same_shape_warns_in_the_ui(model
 
 def test_chat_command_takes_allow_model_mismatch(monkeypatch):
     from click.testing import CliRunner
-    from moe_gguf.tui import app as tui_app
 
     from moe_gguf.cli import main
+    from moe_gguf.tui import app as tui_app
 
     seen = {}
 

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from moe_gguf.formats.profile import SteeringProfile
+from moe_gguf.formats.records import TokenTrace
+from moe_gguf.formats.topology import ModelTopology
 from moe_gguf.tui.app import MoEChatApp
 from moe_gguf.tui.config import Config, Sampling
 from moe_gguf.tui.store import ConversationStore
 from moe_gguf.tui.testing import GREEDY, wait_ready
 from moe_gguf.tui.widgets.heatmap import ExpertHeatmap
 from moe_gguf.tui.widgets.tokens import TokenInspector
-
-from moe_gguf.formats.profile import SteeringProfile
-from moe_gguf.formats.records import TokenTrace
-from moe_gguf.formats.topology import ModelTopology
 
 pytestmark = pytest.mark.native  # every test here runs the patched llama.cpp
 

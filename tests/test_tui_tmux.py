@@ -9,6 +9,7 @@ import time
 import uuid
 
 import pytest
+
 from moe_gguf.tui.store import ConversationStore
 from moe_gguf.tui.testing import THINKING_REPLY
 from moe_gguf.tui.thinking import split_thinking

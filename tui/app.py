@@ -11,6 +11,13 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from textual import work
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+
+from moe_gguf.errors import ModelMismatchError, ProfileError
+from moe_gguf.formats.profile import Schedule
 from moe_gguf.tui.config import Config, Sampling, load_config
 from moe_gguf.tui.paths import data_dir
 from moe_gguf.tui.screens.chat import ChatScreen
@@ -19,13 +26,6 @@ from moe_gguf.tui.screens.dialogs import FilePicker
 from moe_gguf.tui.session import ChatSession
 from moe_gguf.tui.store import ConversationStore
 from moe_gguf.tui.widgets.steering import SteeringPanel
-from textual import work
-from textual.app import App, SystemCommand
-from textual.binding import Binding
-from textual.screen import Screen
-
-from moe_gguf.errors import ModelMismatchError, ProfileError
-from moe_gguf.formats.profile import Schedule
 
 
 class MoEChatApp(App):

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from moe_gguf.tui.config import Sampling
-from moe_gguf.tui.paths import cache_dir
-from moe_gguf.tui.thinking import THINK_CLOSE, THINK_OPEN
 
 from moe_gguf.errors import ModelMismatchError, ModelWeightsWarning, ProfileError
 from moe_gguf.formats.profile import ACTIONS, Schedule, SteeringProfile
 from moe_gguf.formats.records import RouteTee, RoutingRecorder, TokenTrace
+from moe_gguf.tui.config import Sampling
+from moe_gguf.tui.paths import cache_dir
+from moe_gguf.tui.thinking import THINK_CLOSE, THINK_OPEN
 
 DEMO_PRESET = "tiny-qwen3moe"
 # per-token routes are stored with a reply when it has at most this many (token, MoE layer) pairs (a few hundred KB

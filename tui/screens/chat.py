@@ -18,6 +18,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+from textual import events, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
+
+from moe_gguf.errors import ProfileError
+from moe_gguf.formats.records import TokenTrace
 from moe_gguf.tui.config import Sampling
 from moe_gguf.tui.screens.conversations import ConversationsChanged, ConversationsScreen
 from moe_gguf.tui.screens.dialogs import Confirm, FilePicker
@@ -29,15 +38,6 @@ from moe_gguf.tui.widgets.heatmap import ExpertHeatmap
 from moe_gguf.tui.widgets.message import CompareView, MessageView
 from moe_gguf.tui.widgets.steering import SteeringPanel
 from moe_gguf.tui.widgets.tokens import TokenInspector
-from textual import events, work
-from textual.app import ComposeResult
-from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import Screen
-from textual.widgets import Footer, Header, Static, TabbedContent, TabPane
-
-from moe_gguf.errors import ProfileError
-from moe_gguf.formats.records import TokenTrace
 
 if TYPE_CHECKING:
     from moe_gguf.tui.app import MoEChatApp

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import time
 
-from moe_gguf.tui.screens.dialogs import Confirm, TextPrompt
-from moe_gguf.tui.store import ConversationStore
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Button, DataTable, Label, Static
+
+from moe_gguf.tui.screens.dialogs import Confirm, TextPrompt
+from moe_gguf.tui.store import ConversationStore
 
 
 class ConversationsChanged(Message):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from moe_gguf.tui.config import Sampling
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Static, TextArea
+
+from moe_gguf.tui.config import Sampling
 
 
 class SettingsScreen(ModalScreen[tuple[str, Sampling] | None]):

@@ -5,14 +5,15 @@ streams, folded once the answer starts); a user message is shown as typed (its l
 
 from __future__ import annotations
 
-from moe_gguf.tui.clipboard import copy_text
-from moe_gguf.tui.thinking import split_thinking
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Collapsible, Markdown, Static
+
+from moe_gguf.tui.clipboard import copy_text
+from moe_gguf.tui.thinking import split_thinking
 
 _CONTROL = {c: 0x2400 + c for c in range(32) if chr(c) not in "\n\t"} | {0x7F: 0x2421}
 
