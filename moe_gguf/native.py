@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from moe_gguf.errors import NativeBuildError  # noqa: F401  (re-exported)
+from moe_gguf.errors import NativeBuildError
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"

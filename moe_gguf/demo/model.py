@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from moe_gguf.errors import DemoModelMissingError  # noqa: F401  (re-exported)
+from moe_gguf.errors import DemoModelMissingError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"  # moe_gguf/demo/data
 MODEL_NAME = "moe-gguf-refusal-demo"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
-from moe_gguf.errors import PatchMissingError, SteeringCallError  # noqa: F401  (re-exported)
+from moe_gguf.errors import PatchMissingError, SteeringCallError
 from moe_gguf.native import FIX_COMMAND, LLAMA_CPP_PYTHON_VERSION, PATCH_API_VERSION
 
 # enum llama_moe_err -> what went wrong (the C side also logs the details)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from moe_gguf.errors import OffloadError  # noqa: F401  (re-exported)
+from moe_gguf.errors import OffloadError
 
 # the expert tensors of a MoE layer (llama.cpp common.h: LLM_FFN_EXPS_REGEX)
 EXPS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from moe_gguf.engine import _ggml
 from moe_gguf.engine._ggml import DEV_ACCEL, DEV_CPU, DEV_GPU, DEV_IGPU
-from moe_gguf.errors import RPCError  # noqa: F401  (re-exported)
+from moe_gguf.errors import RPCError
 
 # ggml-rpc.cpp: the HELLO exchange (checked here first: ggml aborts the process when a server is unreachable)
 RPC_CMD_HELLO = 14
